@@ -1,0 +1,140 @@
+"""torchrun worker: every policy loss on CP shards against the same loss on whole sequences.
+
+Run as `torchrun --standalone --nproc_per_node N cp_loss_worker.py OUT_DIR`. Each rank builds
+the same float64 batch, computes the single-rank loss, gradient and metrics on the whole
+sequences, then the CP version on its zig-zag shard, and writes the largest differences of
+every case to OUT_DIR/rank<r>.json.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.algorithms.hyperparams import (
+    CISPOConfig,
+    CorrectionsConfig,
+    GeoMaskConfig,
+    GSPOConfig,
+    IcePopConfig,
+    KPOConfig,
+    PolicyLossConfig,
+    TRMConfig,
+    TruncatedISConfig,
+    VESPOConfig,
+)
+from megatron_rl.algorithms.kalman import kalman_filter
+from megatron_rl.algorithms.policy_loss import POLICY_LOSSES, compute_policy_loss
+from megatron_rl.parallel.context_parallel import (
+    ContextParallelGroup,
+    gather_from_context_parallel,
+    split_for_context_parallel,
+)
+
+BATCH, LENGTH = 6, 48  # LENGTH divisible by 2 * cp for cp in {2, 4}
+ALL_CORRECTIONS = CorrectionsConfig(
+    tis=TruncatedISConfig(threshold=1.05), mis=TruncatedISConfig(level="sequence", threshold=1.3),
+    icepop=IcePopConfig(low=0.97, high=1.03), geo_mask=GeoMaskConfig(low=0.99, high=1.01),
+    trm=TRMConfig(max_k2=0.05, avg_k3=0.02),
+)
+CASES = {name: PolicyLossConfig() for name in POLICY_LOSSES}
+CASES.update({
+    "ppo/seq-mean-token-mean": PolicyLossConfig(loss_agg_mode="seq-mean-token-mean"),
+    "ppo/seq-mean-token-sum": PolicyLossConfig(loss_agg_mode="seq-mean-token-sum"),
+    "ppo/seq-mean-token-sum-norm": PolicyLossConfig(loss_agg_mode="seq-mean-token-sum-norm"),
+    "ppo/all-corrections": PolicyLossConfig(corrections=ALL_CORRECTIONS),
+    "gspo/eps=0.05": PolicyLossConfig(gspo=GSPOConfig(eps_low=0.05, eps_high=0.05)),
+    "kpo/q=1e-2": PolicyLossConfig(kpo=KPOConfig(q=1e-2, eps_low=0.01, eps_high=0.01)),
+    "kpo/unclipped-q=1e-4": PolicyLossConfig(kpo=KPOConfig(q=1e-4, clip=False)),
+    "kpo/released-gains": PolicyLossConfig(kpo=KPOConfig(q=1e-3, released_gains=True)),
+    "vespo/rollout-mu": PolicyLossConfig(vespo=VESPOConfig(use_rollout_log_prob=True)),
+    "trm/combined": PolicyLossConfig(trm=TRMConfig(max_k2=0.1, avg_k3=0.006)),
+    "gspo/seq-tis+trm": PolicyLossConfig(corrections=CorrectionsConfig(
+        tis=TruncatedISConfig(level="sequence", threshold=1.1), trm=TRMConfig(max_k2=0.05))),
+    "gmpo/geo-mask": PolicyLossConfig(corrections=CorrectionsConfig(geo_mask=GeoMaskConfig(0.998, 1.002))),
+    "cispo/eps-low": PolicyLossConfig(cispo=CISPOConfig(eps_low=0.05, eps_high=0.05)),
+})
+
+
+def make_batch() -> dict[str, torch.Tensor]:
+    """Mixed lengths (so some CP chunks are pure padding), an empty and a length-1 row."""
+    gen = torch.Generator().manual_seed(1234)
+    lengths = [LENGTH, 37, 11, 1, 0, 29]
+    mask = torch.zeros(BATCH, LENGTH)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    log_prob = -torch.rand(BATCH, LENGTH, generator=gen, dtype=torch.float64) * 3
+    old = log_prob + torch.randn(BATCH, LENGTH, generator=gen, dtype=torch.float64) * 0.15
+    rollout = old + torch.randn(BATCH, LENGTH, generator=gen, dtype=torch.float64) * 0.05
+    adv = torch.tensor([1.0, -0.7, 0.4, -1.2, 0.9, -0.1], dtype=torch.float64)[:, None].expand(-1, LENGTH)
+    padding = mask == 0
+    log_prob = log_prob.masked_fill(padding, float("nan"))  # padding must not matter
+    return {"log_prob": log_prob, "old": old.masked_fill(padding, float("-inf")), "rollout": rollout,
+            "adv": adv.contiguous(), "mask": mask}
+
+
+def loss_and_grad(name, config, batch, shard, cp_group):
+    loss_name = name.split("/")[0]
+    log_prob = shard(batch["log_prob"]).clone().requires_grad_()
+    loss, metrics = compute_policy_loss(
+        loss_name, log_prob, shard(batch["old"]), shard(batch["adv"]), shard(batch["mask"]),
+        rollout_log_prob=shard(batch["rollout"]), config=config, cp_group=cp_group)
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    return loss.detach(), grad.nan_to_num(), metrics
+
+
+def compare_case(name, config, batch, cp):
+    def split(x):
+        return split_for_context_parallel(x, cp.rank, cp.size)
+
+    loss_1, grad_1, metrics_1 = loss_and_grad(name, config, batch, lambda x: x, None)
+    loss_cp, grad_cp, metrics_cp = loss_and_grad(name, config, batch, split, cp)
+    loss_naive, grad_naive, _ = loss_and_grad(name, config, batch, split, None)  # the shard alone
+    metric_diff = max((abs(metrics_1[k].item() - metrics_cp[k].item()) for k in metrics_1), default=0.0)
+    return {
+        "loss": loss_1.item(),
+        "loss_diff": abs(loss_1.item() - loss_cp.item()),
+        "grad_diff": (split(grad_1) - grad_cp).abs().max().item(),
+        "grad_norm": grad_1.norm().item(),
+        "naive_diff": max(abs(loss_1.item() - loss_naive.item()), (split(grad_1) - grad_naive).abs().max().item()),
+        "metric_diff": metric_diff,
+        "metric_keys_match": sorted(metrics_1) == sorted(metrics_cp),
+        "metrics": {k: v.item() for k, v in metrics_1.items()},
+    }
+
+
+def compare_primitives(batch, cp):
+    def split(x):
+        return split_for_context_parallel(x, cp.rank, cp.size)
+
+    z = (batch["old"] - batch["rollout"]).nan_to_num(neginf=0.0)
+    out = {}
+    for q in (1e-6, 1e-4, 1e-2, 1.0):
+        whole = kalman_filter(z, batch["mask"], q)
+        sharded = kalman_filter(split(z), split(batch["mask"]), q, ops=cp)
+        out[f"kalman_scan/q={q}"] = (split(whole) - sharded).abs().max().item()
+    values = torch.randn(BATCH, LENGTH, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    out["seq_max"] = (values.amax(-1) - cp.seq_max(split(values))).abs().max().item()
+    out["seq_sum"] = (values.sum(-1) - cp.seq_sum(split(values))).abs().max().item()
+    out["gather_split_roundtrip"] = (gather_from_context_parallel(split(values), cp.group) - values).abs().max().item()
+    out["positions"] = (gather_from_context_parallel(cp.positions(LENGTH // cp.size), cp.group)
+                        - torch.arange(1, LENGTH + 1)).abs().max().item()
+    return out
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    cp = ContextParallelGroup(dist.group.WORLD)
+    batch = make_batch()
+    results = {"cases": {name: compare_case(name, cfg, batch, cp) for name, cfg in CASES.items()},
+               "primitives": compare_primitives(batch, cp)}
+    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
