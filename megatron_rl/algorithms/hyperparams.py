@@ -18,9 +18,29 @@ AdvantageEstimatorName = Literal[
 ]
 
 
-def _require(ok: bool, key: str, expected: str, got: object) -> None:
-    if not ok:
-        raise ValueError(f"{key} must be {expected}, got {got!r}")
+# Each loss's aggregation when `loss_agg_mode` is unset (ALGORITHMS.md section 5). None marks a
+# sequence-level loss (a mean over sequences). Losses in FIXED_AGGREGATION accept no other mode.
+DEFAULT_AGGREGATION: dict[str, AggMode | None] = {
+    "ppo": "token-mean", "dapo": "token-mean", "gspo": None, "gspo_token": "seq-mean-token-mean",
+    "gmpo": None, "cispo": "token-mean", "sapo": "seq-mean-token-mean", "kpo": "seq-mean-token-mean",
+    "vespo": "token-mean", "trm": "seq-mean-token-sum",
+}
+FIXED_AGGREGATION = frozenset({"gspo", "gspo_token", "gmpo", "trm"})
+
+
+class HyperparameterError(ValueError):
+    """Every out-of-range field of one dataclass; `errors` holds (field, message) pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{key} {message}" for key, message in errors))
+
+
+def _check(*conditions: tuple[bool, str, str, object]) -> None:
+    """Raise one HyperparameterError listing each (ok, field, expected, got) that failed."""
+    errors = [(key, f"must be {expected}, got {got!r}") for ok, key, expected, got in conditions if not ok]
+    if errors:
+        raise HyperparameterError(errors)
 
 
 @dataclass(frozen=True)
@@ -32,10 +52,10 @@ class PPOConfig:
     dual_clip_c: float | None = 3.0  # None disables dual-clip
 
     def __post_init__(self):
-        _require(0 < self.eps_low < 1, "eps_low", "in (0, 1)", self.eps_low)
-        _require(self.eps_high > 0, "eps_high", "> 0", self.eps_high)
-        _require(self.dual_clip_c is None or self.dual_clip_c > 1, "dual_clip_c", "> 1 or null",
-                 self.dual_clip_c)
+        _check((0 < self.eps_low < 1, "eps_low", "in (0, 1)", self.eps_low),
+               (self.eps_high > 0, "eps_high", "> 0", self.eps_high),
+               (self.dual_clip_c is None or self.dual_clip_c > 1, "dual_clip_c", "> 1 or null",
+                self.dual_clip_c))
 
 
 @dataclass(frozen=True)
@@ -53,8 +73,8 @@ class GSPOConfig:
     eps_high: float = 4e-4
 
     def __post_init__(self):
-        _require(0 < self.eps_low < 1, "eps_low", "in (0, 1)", self.eps_low)
-        _require(self.eps_high > 0, "eps_high", "> 0", self.eps_high)
+        _check((0 < self.eps_low < 1, "eps_low", "in (0, 1)", self.eps_low),
+               (self.eps_high > 0, "eps_high", "> 0", self.eps_high))
 
 
 @dataclass(frozen=True)
@@ -65,8 +85,8 @@ class GMPOConfig:
     eps_high: float = 0.4
 
     def __post_init__(self):
-        _require(self.eps_low > 0, "eps_low", "> 0", self.eps_low)
-        _require(self.eps_high > 0, "eps_high", "> 0", self.eps_high)
+        _check((self.eps_low > 0, "eps_low", "> 0", self.eps_low),
+               (self.eps_high > 0, "eps_high", "> 0", self.eps_high))
 
 
 @dataclass(frozen=True)
@@ -80,9 +100,7 @@ class CISPOConfig:
     eps_high: float = 0.28
 
     def __post_init__(self):
-        _require(self.eps_low is None or 0 < self.eps_low <= 1, "eps_low", "in (0, 1] or null",
-                 self.eps_low)
-        _require(self.eps_high > 0, "eps_high", "> 0", self.eps_high)
+        _check()
 
 
 @dataclass(frozen=True)
@@ -93,8 +111,8 @@ class SAPOConfig:
     tau_neg: float = 1.05
 
     def __post_init__(self):
-        _require(self.tau_pos > 0, "tau_pos", "> 0", self.tau_pos)
-        _require(self.tau_neg > 0, "tau_neg", "> 0", self.tau_neg)
+        _check((self.tau_pos > 0, "tau_pos", "> 0", self.tau_pos),
+               (self.tau_neg > 0, "tau_neg", "> 0", self.tau_neg))
 
 
 @dataclass(frozen=True)
@@ -114,10 +132,10 @@ class KPOConfig:
     released_gains: bool = False
 
     def __post_init__(self):
-        _require(self.q > 0, "q", "> 0", self.q)
-        _require(self.r > 0, "r", "> 0", self.r)
-        _require(0 < self.eps_low < 1, "eps_low", "in (0, 1)", self.eps_low)
-        _require(self.eps_high > 0, "eps_high", "> 0", self.eps_high)
+        _check((self.q > 0, "q", "> 0", self.q),
+               (self.r > 0, "r", "> 0", self.r),
+               (0 < self.eps_low < 1, "eps_low", "in (0, 1)", self.eps_low),
+               (self.eps_high > 0, "eps_high", "> 0", self.eps_high))
 
 
 @dataclass(frozen=True)
@@ -133,9 +151,9 @@ class VESPOConfig:
     use_rollout_log_prob: bool = False
 
     def __post_init__(self):
-        for key, (c1, c2) in (("pos", self.pos), ("neg", self.neg)):
-            _require(c1 >= 1, f"{key}[0] (c1)", ">= 1 (the variance bound needs c1 >= 1)", c1)
-            _require(c2 > 0, f"{key}[1] (c2)", "> 0", c2)
+        _check(*(check for key, (c1, c2) in (("pos", self.pos), ("neg", self.neg)) for check in (
+            (c1 >= 1, f"{key}[0]", ">= 1 (c1: the variance bound needs c1 >= 1)", c1),
+            (c2 > 0, f"{key}[1]", "> 0 (c2)", c2))))
 
 
 @dataclass(frozen=True)
@@ -151,10 +169,10 @@ class TRMConfig:
     avg_k3: float | None = None
 
     def __post_init__(self):
-        _require(self.max_k2 is not None or self.avg_k3 is not None, "max_k2 / avg_k3",
-                 "set (at least one criterion)", None)
-        _require(self.max_k2 is None or self.max_k2 > 0, "max_k2", "> 0 or null", self.max_k2)
-        _require(self.avg_k3 is None or self.avg_k3 > 0, "avg_k3", "> 0 or null", self.avg_k3)
+        _check((self.max_k2 is not None or self.avg_k3 is not None, "max_k2",
+                "set when avg_k3 is null (TRM needs at least one criterion)", None),
+               (self.max_k2 is None or self.max_k2 > 0, "max_k2", "> 0 or null", self.max_k2),
+               (self.avg_k3 is None or self.avg_k3 > 0, "avg_k3", "> 0 or null", self.avg_k3))
 
 
 @dataclass(frozen=True)
@@ -165,7 +183,7 @@ class TruncatedISConfig:
     threshold: float = 2.0
 
     def __post_init__(self):
-        _require(self.threshold > 0, "threshold", "> 0", self.threshold)
+        _check((self.threshold > 0, "threshold", "> 0", self.threshold))
 
 
 @dataclass(frozen=True)
@@ -176,8 +194,8 @@ class BandConfig:
     high: float
 
     def __post_init__(self):
-        _require(self.low > 0, "low", "> 0", self.low)
-        _require(self.high > self.low, "high", f"> low ({self.low})", self.high)
+        _check((self.low > 0, "low", "> 0", self.low),
+               (self.high > self.low, "high", f"> low ({self.low})", self.high))
 
 
 @dataclass(frozen=True)
@@ -200,7 +218,8 @@ class GeoMaskConfig(BandConfig):
 class CorrectionsConfig:
     """Train-inference mismatch corrections, composable with every loss (ALGORITHMS.md 1.7).
 
-    All need rollout log-probs; each is off (null) unless set. trm applies TRM's sequence mask to any loss; the loss keeps its own denominator.
+    All need rollout log-probs; each is off (null) unless set. trm applies TRM's sequence mask
+    to any loss; the loss keeps its own denominator.
     """
 
     tis: TruncatedISConfig | None = None
@@ -234,9 +253,9 @@ class PolicyLossConfig:
     corrections: CorrectionsConfig = field(default_factory=CorrectionsConfig)
 
     def __post_init__(self):
-        _require(self.max_log_ratio > 0, "max_log_ratio", "> 0", self.max_log_ratio)
-        _require(self.loss_norm_const is None or self.loss_norm_const > 0, "loss_norm_const",
-                 "> 0 or null", self.loss_norm_const)
+        _check((self.max_log_ratio > 0, "max_log_ratio", "> 0", self.max_log_ratio),
+               (self.loss_norm_const is None or self.loss_norm_const > 0, "loss_norm_const",
+                "> 0 or null", self.loss_norm_const))
 
 
 @dataclass(frozen=True)
@@ -247,4 +266,4 @@ class AdvantageConfig:
     eps: float = 1e-6
 
     def __post_init__(self):
-        _require(self.eps > 0, "eps", "> 0", self.eps)
+        _check((self.eps > 0, "eps", "> 0", self.eps))

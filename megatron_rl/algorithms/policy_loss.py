@@ -3,18 +3,21 @@
 Notation: z_t = clamp(log pi_theta - log pi_old, +-20) (gradient through log pi_theta),
 r_t = exp(z_t), A the advantage (broadcast per token), m the response mask, sg = detach.
 
-| name       | per-token / per-sequence loss                                        | aggregation (default)   |
-|------------|----------------------------------------------------------------------|-------------------------|
-| ppo        | max(-A r, -A clip(r, 1-el, 1+eh)); A<0: min(., -A c)  (dual-clip)    | token-mean              |
-| dapo       | ppo with clip-higher (0.2, 0.28)                                     | token-mean              |
-| gspo       | l_i = max(-A s_i, -A clip(s_i)), s_i = exp(mean_t z)                 | mean over sequences     |
-| gspo_token | ppo-clip on s_it = exp(log pi - sg log pi + sg log s_i), max 10      | seq-mean-token-mean     |
-| gmpo       | l_i = -A_i exp(mean_t z^), z^ clipped in log space on the pessimistic side | mean over sequences |
-| cispo      | -sg(clip(r, 1-el, 1+eh)) A log pi                                    | token-mean              |
-| sapo       | -A sigmoid(tau (r-1)) 4/tau, tau by sign(A)                          | seq-mean-token-mean     |
-| kpo        | ppo-clip (no dual-clip) on r^_t = exp(log pi - sg log pi + x^_t)     | seq-mean-token-mean     |
-| vespo      | -phi(W_i) A log pi, log W_i = clamp(sum_t z, +-20)                   | token-mean              |
-| trm        | -M_i A rho_t, rho = exp(log pi - sg log mu), M_i the TRM mask        | sum over tokens / N     |
+| name       | per-token l_t / per-sequence l_i                              | aggregation          |
+|------------|---------------------------------------------------------------|----------------------|
+| ppo        | max(-A r, -A clip(r, 1-el, 1+eh)); A<0: min(., -A c)          | token-mean           |
+| dapo       | ppo with clip-higher (0.2, 0.28)                              | token-mean           |
+| gspo       | l_i = max(-A s_i, -A clip(s_i)), s_i = exp(mean_t z)          | mean over sequences  |
+| gspo_token | ppo-clip on s_it = exp(log pi - sg log pi + sg log s_i)       | seq-mean-token-mean  |
+| gmpo       | l_i = -A_i exp(mean_t z^), z^ clipped in log space, pessimist | mean over sequences  |
+| cispo      | -sg(clip(r, 1-el, 1+eh)) A log pi                             | token-mean           |
+| sapo       | -A sigmoid(tau (r-1)) 4/tau, tau by sign(A)                   | seq-mean-token-mean  |
+| kpo        | ppo-clip (no dual-clip) on exp(log pi - sg log pi + x^_t)     | seq-mean-token-mean  |
+| vespo      | -phi(W_i) A log pi, log W_i = clamp(sum_t z, +-20)            | token-mean           |
+| trm        | -M_i A rho_t, rho = exp(log pi - sg log mu), M_i the TRM mask | token sum / N seqs   |
+
+The aggregation column is hyperparams.DEFAULT_AGGREGATION; gspo, gspo_token, gmpo and trm
+accept no other (FIXED_AGGREGATION).
 
 Where the papers' released code differs, these follow ALGORITHMS.md: KPO uses the exact gain
 recursion and an associative scan (the release's float32 closed form is ~2.4 % off and its
@@ -30,7 +33,12 @@ import torch
 
 from megatron_rl.algorithms.aggregation import aggregate, sequence_mean
 from megatron_rl.algorithms.corrections import mismatch_correction
-from megatron_rl.algorithms.hyperparams import PolicyLossConfig, TRMConfig
+from megatron_rl.algorithms.hyperparams import (
+    DEFAULT_AGGREGATION,
+    FIXED_AGGREGATION,
+    PolicyLossConfig,
+    TRMConfig,
+)
 from megatron_rl.algorithms.kalman import kalman_filter
 from megatron_rl.algorithms.kl import kl_k1, kl_k3
 from megatron_rl.algorithms.loss_inputs import LossInputs, prepare_loss_inputs
@@ -53,17 +61,17 @@ class LossOutput:
 @dataclass(frozen=True)
 class PolicyLoss:
     fn: Callable[[LossInputs, object], LossOutput]
-    params: Callable[[PolicyLossConfig], object]
-    default_agg: str | None  # None: a sequence-level loss (mean over sequences)
-    agg_fixed: bool = False
+    params: Callable[[PolicyLossConfig], object]  # the loss's section of the config
 
 
 POLICY_LOSSES: dict[str, PolicyLoss] = {}
 
 
-def register(name, params, default_agg, agg_fixed=False):
+def register(name: str, params: Callable[[PolicyLossConfig], object]):
+    """Add fn under name; its aggregation is hyperparams.DEFAULT_AGGREGATION[name]."""
+
     def wrap(fn):
-        POLICY_LOSSES[name] = PolicyLoss(fn, params, default_agg, agg_fixed or default_agg is None)
+        POLICY_LOSSES[name] = PolicyLoss(fn, params)
         return fn
 
     return wrap
@@ -93,8 +101,8 @@ def _clip_metrics(x: LossInputs, clipped, dual=None) -> Metrics:
     return metrics
 
 
-@register("ppo", lambda c: c.ppo, "token-mean")
-@register("dapo", lambda c: c.dapo, "token-mean")
+@register("ppo", lambda c: c.ppo)
+@register("dapo", lambda c: c.dapo)
 def ppo_loss(x: LossInputs, p) -> LossOutput:
     loss, clipped, dual = clipped_surrogate(x.log_ratio.exp(), x.advantages, p.eps_low, p.eps_high,
                                             p.dual_clip_c)
@@ -106,7 +114,7 @@ def _mean_log_ratio(x: LossInputs, log_ratio) -> torch.Tensor:
     return x.ops.seq_sum(log_ratio * x.mask) / x.counts.clamp(min=1)
 
 
-@register("gspo", lambda c: c.gspo, None)
+@register("gspo", lambda c: c.gspo)
 def gspo_loss(x: LossInputs, p) -> LossOutput:
     seq_ratio = _mean_log_ratio(x, x.log_ratio).exp()
     loss, clipped, _ = clipped_surrogate(seq_ratio, x.seq_advantage, p.eps_low, p.eps_high)
@@ -122,14 +130,14 @@ def _detached_value_ratio(x: LossInputs, log_value: torch.Tensor) -> torch.Tenso
     return (x.log_prob - x.log_prob.detach() + log_value.detach()).clamp(max=10.0).exp()
 
 
-@register("gspo_token", lambda c: c.gspo, "seq-mean-token-mean", agg_fixed=True)
+@register("gspo_token", lambda c: c.gspo)
 def gspo_token_loss(x: LossInputs, p) -> LossOutput:
     ratio = _detached_value_ratio(x, _mean_log_ratio(x, x.log_ratio)[:, None])
     loss, clipped, _ = clipped_surrogate(ratio, x.advantages, p.eps_low, p.eps_high)
     return LossOutput(per_token=loss, metrics=_clip_metrics(x, clipped))
 
 
-@register("gmpo", lambda c: c.gmpo, None)
+@register("gmpo", lambda c: c.gmpo)
 def gmpo_loss(x: LossInputs, p) -> LossOutput:
     sign = torch.sign(x.advantages)
     z = x.log_ratio
@@ -142,7 +150,7 @@ def gmpo_loss(x: LossInputs, p) -> LossOutput:
     })
 
 
-@register("cispo", lambda c: c.cispo, "token-mean")
+@register("cispo", lambda c: c.cispo)
 def cispo_loss(x: LossInputs, p) -> LossOutput:
     ratio = x.log_ratio.detach().exp()
     low = 1.0 - p.eps_low if p.eps_low is not None else 0.0
@@ -152,7 +160,7 @@ def cispo_loss(x: LossInputs, p) -> LossOutput:
                       metrics={"policy/clip_frac": x.ops.mean(clipped, x.mask)})
 
 
-@register("sapo", lambda c: c.sapo, "seq-mean-token-mean")
+@register("sapo", lambda c: c.sapo)
 def sapo_loss(x: LossInputs, p) -> LossOutput:
     tau = torch.where(x.advantages > 0, p.tau_pos, p.tau_neg).to(x.log_prob.dtype)
     gate = torch.sigmoid(tau * (x.log_ratio.exp() - 1.0)) * 4.0 / tau
@@ -160,7 +168,7 @@ def sapo_loss(x: LossInputs, p) -> LossOutput:
                       metrics={"sapo/gate_mean": x.ops.mean(gate.detach(), x.mask)})
 
 
-@register("kpo", lambda c: c.kpo, "seq-mean-token-mean")
+@register("kpo", lambda c: c.kpo)
 def kpo_loss(x: LossInputs, p) -> LossOutput:
     x_hat = kalman_filter(x.log_ratio.detach(), x.mask, p.q, p.r, p.released_gains, ops=x.ops)
     ratio = _detached_value_ratio(x, x_hat)
@@ -175,7 +183,7 @@ def kpo_loss(x: LossInputs, p) -> LossOutput:
     return LossOutput(per_token=loss, metrics=metrics)
 
 
-@register("vespo", lambda c: c.vespo, "token-mean")
+@register("vespo", lambda c: c.vespo)
 def vespo_loss(x: LossInputs, p) -> LossOutput:
     log_w = x.ops.seq_sum(x.log_ratio.detach() * x.mask)
     if p.use_rollout_log_prob and x.rollout_log_prob is not None:
@@ -217,7 +225,7 @@ def trm_keep(x: LossInputs, p: TRMConfig, prefix: str) -> tuple[torch.Tensor, Me
     return keep, metrics
 
 
-@register("trm", lambda c: c.trm, "seq-mean-token-sum", agg_fixed=True)
+@register("trm", lambda c: c.trm)
 def trm_loss(x: LossInputs, p) -> LossOutput:
     keep, metrics = trm_keep(x, p, "trm")
     rho = x.clamp_log_ratio(x.log_prob - x.behaviour_log_prob).exp()
@@ -285,7 +293,7 @@ def compute_policy_loss(
                                                  corrections.geo_mask))
     if needs_rollout and rollout_log_prob is None:
         raise ValueError("algorithm.corrections (tis / mis / icepop / geo_mask) need rollout_log_prob")
-    if config.loss_agg_mode is not None and spec.agg_fixed and config.loss_agg_mode != spec.default_agg:
+    if config.loss_agg_mode is not None and name in FIXED_AGGREGATION:
         raise ValueError(f"loss {name!r} has a fixed aggregation; loss_agg_mode must be unset, "
                          f"got {config.loss_agg_mode!r}")
     x = prepare_loss_inputs(log_prob, old_log_prob, advantages, response_mask, rollout_log_prob,
@@ -308,7 +316,7 @@ def compute_policy_loss(
             per_token = per_token * token_w
         if seq_w is not None:
             per_token = per_token * seq_w[:, None]
-        loss = aggregate(per_token, x.mask, config.loss_agg_mode or spec.default_agg, x.ops,
+        loss = aggregate(per_token, x.mask, config.loss_agg_mode or DEFAULT_AGGREGATION[name], x.ops,
                          config.loss_norm_const)
     else:
         if token_w is not None:

@@ -3,14 +3,34 @@
 Each step is the affine map f_t(x) = a_t x + b_t. Composing "p then q" gives
 (a_p, b_p) . (a_q, b_q) = (a_q a_p, a_q b_p + b_q): associative, identity (1, 0). An inclusive
 scan therefore yields x_t = B_{1..t} + A_{1..t} x_0 for every t in log2(T) vectorised steps
-(Hillis-Steele doubling), instead of T sequential steps. With a_t in [0, 1] the running
+(Hillis-Steele doubling) instead of T sequential ones. Long sequences are scanned in blocks:
+each block from x = 0, then the blocks' carries, then one correction pass, which touches the
+[B, T] data ~log2(block) + 1 times instead of ~log2(T). With a_t in [0, 1] the running
 products only shrink toward 0 (forgetting the distant past), so the scan is stable in float32.
 """
 
 import torch
+import torch.nn.functional as F
+
+BLOCK = 256
 
 
-def affine_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _doubling_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    prod, x = a.clone(), b.clone()
+    prod_next, x_next = torch.empty_like(prod), torch.empty_like(x)
+    length, shift = b.shape[-1], 1
+    while shift < length:
+        # Segment t covers (t - 2 shift, t]: absorb the segment that ends at t - shift.
+        x_next[..., :shift] = x[..., :shift]
+        torch.addcmul(x[..., shift:], prod[..., shift:], x[..., :-shift], out=x_next[..., shift:])
+        prod_next[..., :shift] = prod[..., :shift]
+        torch.mul(prod[..., shift:], prod[..., :-shift], out=prod_next[..., shift:])
+        x, x_next, prod, prod_next = x_next, x, prod_next, prod
+        shift *= 2
+    return prod, x
+
+
+def affine_scan(a: torch.Tensor, b: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Inclusive scan along the last axis, starting from x_0 = 0.
 
     Args:
@@ -19,15 +39,17 @@ def affine_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
     Returns:
         (prod_a, x): prod_a[..., t] = a_1 ... a_t (shape of a) and x[..., t] = x_t ([B, T]).
     """
-    prod_a, x = a.clone(), b.clone()
     length = b.shape[-1]
-    shift = 1
-    while shift < length:
-        # Segment t covers (t - 2 shift, t]: absorb the segment that ends at t - shift.
-        x_next = x.clone()
-        x_next[..., shift:].addcmul_(prod_a[..., shift:], x[..., :-shift])
-        prod_next = prod_a.clone()
-        prod_next[..., shift:].mul_(prod_a[..., :-shift])
-        prod_a, x = prod_next, x_next
-        shift *= 2
-    return prod_a, x
+    if length <= block:
+        return _doubling_scan(a, b)
+    blocks = -(-length // block)
+    pad = blocks * block - length  # identity steps (a = 1, b = 0) after the end change nothing
+    a_blocks = F.pad(a, (0, pad), value=1.0).unflatten(-1, (blocks, block))
+    b_blocks = F.pad(b, (0, pad)).unflatten(-1, (blocks, block))
+    prod_in, x_in = _doubling_scan(a_blocks, b_blocks)
+    prod_carry, x_carry = _doubling_scan(prod_in[..., -1], x_in[..., -1])
+    x_entering = F.pad(x_carry[..., :-1], (1, 0))
+    prod_entering = F.pad(prod_carry[..., :-1], (1, 0), value=1.0)
+    x = torch.addcmul(x_in, prod_in, x_entering[..., None]).flatten(-2)[..., :length]
+    prod = (prod_in * prod_entering[..., None]).flatten(-2)[..., :length]
+    return prod, x

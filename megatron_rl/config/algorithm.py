@@ -15,11 +15,8 @@ from dataclasses import field
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from megatron_rl.algorithms.hyperparams import AdvantageConfig, LossName, PolicyLossConfig
+from megatron_rl.algorithms.hyperparams import FIXED_AGGREGATION, AdvantageConfig, LossName, PolicyLossConfig
 from megatron_rl.config.errors import ConfigError
-
-# Losses whose aggregation is part of their definition (ALGORITHMS.md 1.3, 1.4, 4.3).
-FIXED_AGGREGATION_LOSSES = frozenset({"gspo", "gmpo", "trm"})
 
 
 @pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -31,6 +28,6 @@ class AlgorithmConfig(PolicyLossConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss in FIXED_AGGREGATION_LOSSES and self.loss_agg_mode is not None:
+        if self.loss in FIXED_AGGREGATION and self.loss_agg_mode is not None:
             raise ConfigError([("loss_agg_mode", f"must be null for loss '{self.loss}', whose aggregation "
                                                  f"is fixed, got '{self.loss_agg_mode}'")])

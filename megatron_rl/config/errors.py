@@ -9,6 +9,8 @@ import re
 import yaml
 from pydantic import ValidationError
 
+from megatron_rl.algorithms.hyperparams import HyperparameterError
+
 Error = tuple[str, str]
 
 _COMPARISONS = {
@@ -21,8 +23,6 @@ _LENGTHS = {"too_short": ("min_length", "at least"), "too_long": ("max_length", 
 # pydantic's "Input should be a valid integer, unable to parse string as an integer": the part
 # after the comma repeats what `got ...` shows.
 _PYDANTIC_DETAIL = re.compile(r", (unable to|got) .*$")
-# The hyperparams dataclasses raise "<field>[index] (label) must be <expected>, got <value>".
-_RANGE_MESSAGE = re.compile(r"^(?P<field>[A-Za-z_]\w*(?:\[\d+\])?)(?: \([^)]*\))? (?P<rest>must be .*)$")
 
 
 class ConfigError(ValueError):
@@ -76,21 +76,13 @@ def errors_from_validation(exc: ValidationError) -> list[Error]:
     for error in exc.errors():
         key = dotted_key(error["loc"])
         cause = error.get("ctx", {}).get("error")
-        if isinstance(cause, ConfigError):
+        if isinstance(cause, ConfigError | HyperparameterError):
             errors += [(join_key(key, inner_key), message) for inner_key, message in cause.errors]
         elif isinstance(cause, ValueError):
-            errors.append(_range_error(key, str(cause)))
+            errors.append((key, str(cause)))
         else:
             errors.append((key, _expected_got(error)))
     return errors
-
-
-def _range_error(key: str, message: str) -> Error:
-    """A hyperparams __post_init__ message, moved under the dotted key of the field it names."""
-    match = _RANGE_MESSAGE.match(message)
-    if match is None:
-        return key, message
-    return join_key(key, match["field"]), match["rest"]
 
 
 def _expected_got(error: dict) -> str:

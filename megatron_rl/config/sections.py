@@ -26,7 +26,7 @@ UnitInterval = Annotated[float, Field(ge=0, lt=1)]
 
 
 class Section(BaseModel):
-    """Base of every section: immutable, and closed (an unknown key is an error)."""
+    """Base of every section: frozen (no field can be reassigned), and closed (an unknown key is an error)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

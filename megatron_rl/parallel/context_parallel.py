@@ -96,8 +96,8 @@ class ContextParallelGroup(WholeSequences):
         """x_t = a_t x_{t-1} + b_t over the whole sequence; a: [T_local] or [B, T_local]. No grad."""
         length = self._chunk_length(b.shape[-1])
         a, b = a.detach(), b.detach()
-        prods, xs = zip(*(affine_scan(a[..., i * length:(i + 1) * length], b[..., i * length:(i + 1) * length])
-                          for i in range(2)), strict=True)
+        halves = [slice(0, length), slice(length, 2 * length)]
+        prods, xs = zip(*(affine_scan(a[..., half], b[..., half]) for half in halves), strict=True)
         # carries[rank][local chunk] = (A_c, B_c), each [B]
         carries = torch.stack([torch.stack([p[..., -1].expand_as(x[..., -1]), x[..., -1]]) for p, x in
                                zip(prods, xs, strict=True)])
@@ -113,6 +113,6 @@ class ContextParallelGroup(WholeSequences):
             incoming[chunk] = state
             chunk_prod, chunk_x = by_chunk[chunk]
             state = chunk_prod * state + chunk_x
+        local_chunks = zigzag_chunks(self.rank, self.size)
         return torch.cat([x + p * incoming[chunk][..., None]
-                          for p, x, chunk in zip(prods, xs, zigzag_chunks(self.rank, self.size), strict=True)],
-                         dim=-1)
+                          for p, x, chunk in zip(prods, xs, local_chunks, strict=True)], dim=-1)

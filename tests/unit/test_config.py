@@ -1,6 +1,7 @@
 """Valid configurations: defaults, the example file, derived sizes, and the YAML round trip."""
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pydantic
@@ -8,8 +9,11 @@ import pytest
 import yaml
 
 from megatron_rl.algorithms.hyperparams import (
+    DEFAULT_AGGREGATION,
+    FIXED_AGGREGATION,
     AdvantageConfig,
     KPOConfig,
+    LossName,
     PolicyLossConfig,
     TruncatedISConfig,
     VESPOConfig,
@@ -18,7 +22,7 @@ from megatron_rl.config import RunConfig, config_from_dict, dump_config, load_co
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "example.yaml"
 
-# Fully specified configurations that differ from the defaults in every section.
+# Overrides that change every section (test_non_default_case_changes_every_section checks it).
 NON_DEFAULT_OVERRIDES = [
     "model.num_layers=4", "model.num_experts=8", "model.moe_router_topk=2", "model.kv_channels=32",
     "model.moe_router_score_function=sigmoid", "model.hf_path=/models/tiny",
@@ -26,10 +30,11 @@ NON_DEFAULT_OVERRIDES = [
     "parallel.world_size=8", "optimizer.lr_decay_style=linear", "optimizer.adam_eps=1e-6",
     "rollout.engines=[{kind: sglang, tp: 2, host: node1, port: 31000}, {kind: sglang, tp: 2, host: node2}]",
     "rollout.async=true", "rollout.max_staleness=2", "rollout.sampling.top_k=50",
-    "algorithm.loss=vespo", "algorithm.vespo.pos=[2.5, 3.5]", "algorithm.loss_agg_mode=seq-mean-token-sum-norm",
-    "algorithm.loss_norm_const=4096", "algorithm.corrections.mis.level=sequence",
+    "algorithm.loss=vespo", "algorithm.vespo.pos=[2.5, 3.5]", "algorithm.loss_norm_const=4096",
+    "algorithm.loss_agg_mode=seq-mean-token-sum-norm", "algorithm.corrections.mis.level=sequence",
     "algorithm.corrections.icepop.high=4", "algorithm.corrections.trm.avg_k3=0.001",
-    "algorithm.advantage.estimator=rloo", "data.seed=7", "checkpoint.resume=false", "checkpoint.keep_last=null",
+    "algorithm.advantage.estimator=rloo", "data.seed=7", "checkpoint.resume=false",
+    "checkpoint.keep_last=null",
     "tracking.wandb_mode=offline", "tracking.run_name=kpo-tiny",
 ]
 ROUND_TRIP_CASES = {
@@ -68,12 +73,19 @@ def test_fully_specified_yaml_loads_and_dumps_back_unchanged(raw, overrides):
     assert dump_config(reloaded) == dumped
 
 
+def test_non_default_case_changes_every_section():
+    changed = yaml.safe_load(dump_config(config_from_dict({}, NON_DEFAULT_OVERRIDES)))
+    default = yaml.safe_load(dump_config(RunConfig()))
+    assert [section for section in default if changed[section] == default[section]] == []
+
+
 def test_vespo_tuples_dump_as_yaml_lists_and_load_back_as_tuples():
     config = config_from_dict({"algorithm": {"vespo": {"pos": [2.5, 3.5]}}})
     assert config.algorithm.vespo.pos == (2.5, 3.5)
     assert yaml.safe_load(dump_config(config))["algorithm"]["vespo"]["pos"] == [2.5, 3.5]
     assert "pos:\n    - 2.5\n    - 3.5\n" in dump_config(config)
-    assert config_from_dict(yaml.safe_load(dump_config(config))).algorithm.vespo == VESPOConfig(pos=(2.5, 3.5))
+    reloaded = config_from_dict(yaml.safe_load(dump_config(config)))
+    assert reloaded.algorithm.vespo == VESPOConfig(pos=(2.5, 3.5))
 
 
 def test_algorithm_is_a_policy_loss_config_with_the_hyperparams_defaults():
@@ -83,6 +95,13 @@ def test_algorithm_is_a_policy_loss_config_with_the_hyperparams_defaults():
         assert getattr(algorithm, field.name) == getattr(PolicyLossConfig(), field.name), field.name
     assert algorithm.advantage == AdvantageConfig()
     assert (type(algorithm.kpo), type(algorithm.advantage)) == (KPOConfig, AdvantageConfig)
+
+
+def test_loss_names_agree_with_the_policy_loss_registry():
+    from megatron_rl.algorithms.policy_loss import POLICY_LOSSES  # imports torch: only this test needs it
+
+    assert set(typing.get_args(LossName)) == set(POLICY_LOSSES) == set(DEFAULT_AGGREGATION)
+    assert {name for name, mode in DEFAULT_AGGREGATION.items() if mode is None} <= FIXED_AGGREGATION
 
 
 def test_algorithm_values_reach_the_hyperparams_dataclasses():
@@ -114,7 +133,8 @@ def test_derived_data_parallel_sizes(parallel, dp, expert_dp):
 
 def test_query_groups_default_to_the_attention_heads():
     assert config_from_dict({"model": {"num_attention_heads": 8}}).model.query_groups == 8
-    assert config_from_dict({"model": {"num_attention_heads": 8, "num_query_groups": 2}}).model.query_groups == 2
+    grouped = config_from_dict({"model": {"num_attention_heads": 8, "num_query_groups": 2}})
+    assert grouped.model.query_groups == 2
 
 
 def test_tp_may_be_a_multiple_of_the_query_groups():

@@ -161,3 +161,15 @@ def test_bad_gain_arguments_are_named(kwargs, name):
 def test_filter_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="z and mask must both be"):
         kalman_filter(torch.zeros(2, 3), torch.ones(2, 4), 1e-4)
+
+
+@pytest.mark.parametrize("length", [255, 256, 257, 1000, 4097])
+@pytest.mark.parametrize("shared", [True, False])
+def test_blocked_scan_equals_single_level_doubling(length, shared):
+    gen = torch.Generator().manual_seed(length)
+    a = torch.rand(length if shared else (2, length), generator=gen, dtype=torch.float64) * 0.2 + 0.8
+    b = torch.randn(2, length, generator=gen, dtype=torch.float64)
+    prod, x = affine_scan(a, b)
+    prod_ref, x_ref = affine_scan(a, b, block=length)
+    assert prod.shape == a.shape and x.shape == b.shape
+    assert torch.allclose(x, x_ref, atol=1e-12) and torch.allclose(prod, prod_ref, rtol=1e-12, atol=0)
