@@ -8,9 +8,10 @@ and the filtered estimate is the linear recurrence
 computed as an associative scan (`scan.affine_scan`), exact across context-parallel shards
 through `SequenceOps.affine_scan`.
 
-Positions: t is the 1-based column of the response tensor (responses are right-aligned in time,
-i.e. padded on the right). Masked tokens observe z_t = 0 and x_hat is 0 there, as in the
-authors' release; for right padding this leaves every valid token's estimate untouched.
+Positions: t is the 1-based position in the response (`SequenceOps.positions`: the column,
+shifted by the layout's response_start; responses are padded on the right). Masked tokens
+observe z_t = 0 and x_hat is 0 there, as in the authors' release; for right padding this
+leaves every valid token's estimate untouched, and before the response the state stays 0.
 """
 
 import functools
@@ -93,8 +94,8 @@ def kalman_filter(
     z = z.detach()
     valid = mask.bool()
     t_local = z.shape[-1]
-    table = kalman_gains(ops.response_length(t_local), q / r, 0.0, released_gains)
-    gains = table.to(device=z.device, dtype=z.dtype)[ops.positions(t_local, z.device) - 1]
+    table = kalman_gains(max(ops.response_length(t_local), 1), q / r, 0.0, released_gains)
+    gains = table.to(device=z.device, dtype=z.dtype)[ops.positions(t_local, z.device).clamp(min=1) - 1]
     observed = torch.where(valid, z, torch.zeros_like(z))
     x_hat = ops.affine_scan(1.0 - gains, gains * observed)
     return torch.where(valid, x_hat, torch.zeros_like(x_hat))

@@ -4,8 +4,11 @@ Every loss is written against this small interface, never against `x.sum(-1)` di
 same code is exact whether a rank holds whole sequences (`WholeSequences`, here) or a
 context-parallel shard of each (`megatron_rl.parallel.context_parallel.ContextParallelGroup`).
 
-Shapes: token tensors are [B, T_local] (response-aligned, right-padded; T_local = T on one
-rank). Reductions return [B] (per sequence) or the input's shape (`total`).
+Shapes: token tensors are [B, T_local]; T_local = T on one rank. Columns are positions in the
+sequence: either the response alone (response_start = 0) or prompt + response with every
+response starting at column response_start (prompts left-padded, responses right-padded, as
+the learner lays them out); the mask selects response tokens. Reductions return [B] (per
+sequence) or the input's shape (`total`).
 
 Gradient contract (what makes CP exact): a reduction's *value* is the global one; its *gradient*
 flows only into this rank's tokens. A loss built from these reductions therefore has the same
@@ -21,6 +24,11 @@ from megatron_rl.algorithms.scan import affine_scan
 
 class WholeSequences:
     """Single-rank reductions: this rank holds every token of every sequence."""
+
+    def __init__(self, response_start: int = 0):
+        if response_start < 0:
+            raise ValueError(f"response_start must be >= 0, got {response_start}")
+        self.response_start = response_start
 
     def seq_sum(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T] -> [B]: sum over tokens (mask x first)."""
@@ -46,13 +54,21 @@ class WholeSequences:
         """Masked max over every token of the batch, detached (-inf when the mask is empty)."""
         return self.total_max(torch.where(mask.bool(), x.detach(), float("-inf")).amax())
 
+    def global_columns(self, t_local: int, device: torch.device | None = None) -> torch.Tensor:
+        """[T_local] int64: the 0-based column in the whole sequence of each local column."""
+        return torch.arange(t_local, device=device)
+
+    def sequence_length(self, t_local: int) -> int:
+        """The padded length of the whole sequences."""
+        return t_local
+
     def positions(self, t_local: int, device: torch.device | None = None) -> torch.Tensor:
-        """[T_local] int64: the 1-based position in the response of each local column."""
-        return torch.arange(1, t_local + 1, device=device)
+        """[T_local] int64: the 1-based position in the response of each local column (<= 0 before it)."""
+        return self.global_columns(t_local, device) + 1 - self.response_start
 
     def response_length(self, t_local: int) -> int:
-        """The padded response length T of the whole sequences."""
-        return t_local
+        """The padded response length of the whole sequences."""
+        return self.sequence_length(t_local) - self.response_start
 
     def affine_scan(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """x_t = a_t x_{t-1} + b_t along the sequence, x_0 = 0. a: [T] or [B, T]; b: [B, T]."""

@@ -55,7 +55,8 @@ def gather_from_context_parallel(x_local: torch.Tensor, group, dim: int = -1) ->
 class ContextParallelGroup(WholeSequences):
     """Sequence reductions over a CP process group, for [B, T_local] zig-zag shards."""
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, response_start: int = 0):
+        super().__init__(response_start)
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -83,13 +84,13 @@ class ContextParallelGroup(WholeSequences):
             raise ValueError(f"a CP shard holds 2 equal chunks; its length {t_local} is odd")
         return t_local // 2
 
-    def positions(self, t_local: int, device: torch.device | None = None) -> torch.Tensor:
+    def global_columns(self, t_local: int, device: torch.device | None = None) -> torch.Tensor:
         length = self._chunk_length(t_local)
         first, second = zigzag_chunks(self.rank, self.size)
         local = torch.arange(length, device=device)
-        return torch.cat([local + first * length, local + second * length]) + 1
+        return torch.cat([local + first * length, local + second * length])
 
-    def response_length(self, t_local: int) -> int:
+    def sequence_length(self, t_local: int) -> int:
         return t_local * self.size
 
     def affine_scan(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from megatron_rl.algorithms.hyperparams import (
 )
 from megatron_rl.algorithms.kalman import kalman_filter
 from megatron_rl.algorithms.policy_loss import POLICY_LOSSES, compute_policy_loss
+from megatron_rl.algorithms.sequence_ops import WholeSequences
 from megatron_rl.parallel.context_parallel import (
     ContextParallelGroup,
     gather_from_context_parallel,
@@ -75,6 +76,18 @@ def make_batch() -> dict[str, torch.Tensor]:
             "adv": adv.contiguous(), "mask": mask}
 
 
+PROMPT = 16  # the prompt-layout cases put 16 masked prompt columns before the responses
+PROMPT_CASES = ("kpo/q=1e-2", "vespo", "trm/combined", "ppo/seq-mean-token-sum-norm", "gspo/eps=0.05")
+
+
+def with_prompt(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same batch laid out as [prompt | response] (what the learner feeds the loss)."""
+    def pad(t, fill):
+        return torch.cat([torch.full((t.shape[0], PROMPT), fill, dtype=t.dtype), t], dim=1)
+
+    return {key: pad(t, 0.0 if key != "log_prob" else float("nan")) for key, t in batch.items()}
+
+
 def loss_and_grad(name, config, batch, shard, cp_group):
     loss_name = name.split("/")[0]
     log_prob = shard(batch["log_prob"]).clone().requires_grad_()
@@ -85,11 +98,12 @@ def loss_and_grad(name, config, batch, shard, cp_group):
     return loss.detach(), grad.nan_to_num(), metrics
 
 
-def compare_case(name, config, batch, cp):
+def compare_case(name, config, batch, cp, whole=None):
+    """The CP shard (ops cp) against the whole batch on one rank (ops whole, default: plain)."""
     def split(x):
         return split_for_context_parallel(x, cp.rank, cp.size)
 
-    loss_1, grad_1, metrics_1 = loss_and_grad(name, config, batch, lambda x: x, None)
+    loss_1, grad_1, metrics_1 = loss_and_grad(name, config, batch, lambda x: x, whole)
     loss_cp, grad_cp, metrics_cp = loss_and_grad(name, config, batch, split, cp)
     loss_naive, grad_naive, _ = loss_and_grad(name, config, batch, split, None)  # the shard alone
     metric_diff = max((abs(metrics_1[k].item() - metrics_cp[k].item()) for k in metrics_1), default=0.0)
@@ -129,8 +143,12 @@ def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     cp = ContextParallelGroup(dist.group.WORLD)
     batch = make_batch()
-    results = {"cases": {name: compare_case(name, cfg, batch, cp) for name, cfg in CASES.items()},
-               "primitives": compare_primitives(batch, cp)}
+    cases = {name: compare_case(name, cfg, batch, cp) for name, cfg in CASES.items()}
+    prompt_cp = ContextParallelGroup(dist.group.WORLD, response_start=PROMPT)
+    cases.update({f"{name}/with-prompt": compare_case(name, CASES[name], with_prompt(batch), prompt_cp,
+                                                      WholeSequences(response_start=PROMPT))
+                  for name in PROMPT_CASES})
+    results = {"cases": cases, "primitives": compare_primitives(batch, cp)}
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cp_loss_worker import CASES  # noqa: E402
+from cp_loss_worker import CASES, PROMPT_CASES  # noqa: E402
 
 WORKER = Path(__file__).with_name("cp_loss_worker.py")
 TOL = 1e-6
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(CASES) + [f"{name}/with-prompt" for name in PROMPT_CASES])
 def test_loss_grad_and_metrics_match_single_rank(results, world, case):
     for rank, rank_results in enumerate(results[world]):
         r = rank_results["cases"][case]

@@ -18,6 +18,7 @@ from megatron_rl.algorithms.hyperparams import (
 from megatron_rl.algorithms.kalman import kalman_filter
 from megatron_rl.algorithms.loss_inputs import NonFiniteInputError
 from megatron_rl.algorithms.policy_loss import POLICY_LOSSES, compute_policy_loss
+from megatron_rl.algorithms.sequence_ops import WholeSequences
 from megatron_rl.algorithms.vespo import vespo_phi
 
 F64 = torch.float64
@@ -296,3 +297,31 @@ def test_float32_inputs_stay_float32():
     log_prob, old, adv, mask = (t.float() for t in batch()[:4])
     loss, metrics = compute_policy_loss("kpo", log_prob, old, adv, mask)
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+
+
+@pytest.mark.parametrize("name, mode", [(name, None) for name in sorted(POLICY_LOSSES)]
+                         + [(name, "seq-mean-token-sum-norm") for name in ("ppo", "kpo", "vespo")])
+def test_prompt_plus_response_layout_equals_the_response_alone(name, mode):
+    """Columns [prompt (P, masked) | response]: with response_start = P the loss, its gradient
+    and its metrics equal those on the response tensor alone (KPO's positions included)."""
+    log_prob, old, adv, mask, rollout = batch(noise=0.3)
+    prompt = 5
+
+    def with_prompt(t, fill=0.0):
+        return torch.cat([torch.full((t.shape[0], prompt), fill, dtype=t.dtype), t], dim=1)
+
+    config = PolicyLossConfig(loss_agg_mode=mode, kpo=KPOConfig(q=1e-2))
+    lp_response = log_prob.clone().requires_grad_()
+    expected, expected_metrics = compute_policy_loss(name, lp_response, old, adv, mask,
+                                                     rollout_log_prob=rollout, config=config)
+    (expected_grad,) = torch.autograd.grad(expected, lp_response)
+    lp_full = with_prompt(log_prob, float("nan")).requires_grad_()
+    loss, metrics = compute_policy_loss(
+        name, lp_full, with_prompt(old), with_prompt(adv), with_prompt(mask), rollout_log_prob=with_prompt(rollout),
+        config=config, cp_group=WholeSequences(response_start=prompt))
+    (grad,) = torch.autograd.grad(loss, lp_full)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-15)
+    assert torch.allclose(grad[:, prompt:], expected_grad, atol=1e-14) and grad[:, :prompt].abs().max() == 0
+    for key, value in expected_metrics.items():
+        if key != "input/nonfinite_padding":
+            assert metrics[key].item() == pytest.approx(value.item(), rel=1e-12, abs=1e-15), key
