@@ -26,6 +26,7 @@ DEFAULT_AGGREGATION: dict[str, AggMode | None] = {
     "vespo": "token-mean", "trm": "seq-mean-token-sum",
 }
 FIXED_AGGREGATION = frozenset({"gspo", "gspo_token", "gmpo", "trm"})
+SEQUENCE_LEVEL_LOSSES = frozenset(name for name, mode in DEFAULT_AGGREGATION.items() if mode is None)
 
 
 class HyperparameterError(ValueError):
@@ -100,7 +101,8 @@ class CISPOConfig:
     eps_high: float = 0.28
 
     def __post_init__(self):
-        _check()
+        _check((self.eps_low is None or 0 < self.eps_low <= 1, "eps_low", "in (0, 1] or null", self.eps_low),
+               (self.eps_high > 0, "eps_high", "> 0", self.eps_high))
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,13 @@ class CorrectionsConfig:
     icepop: IcePopConfig | None = None
     geo_mask: GeoMaskConfig | None = None
     trm: TRMConfig | None = None
+
+
+def token_level_corrections(corrections: CorrectionsConfig) -> list[str]:
+    """The enabled corrections that weight single tokens: they cannot apply to a sequence-level loss."""
+    names = [name for name, spec in (("tis", corrections.tis), ("mis", corrections.mis))
+             if spec is not None and spec.level == "token"]
+    return names + (["icepop"] if corrections.icepop is not None else [])
 
 
 @dataclass(frozen=True)

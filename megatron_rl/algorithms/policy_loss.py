@@ -36,8 +36,10 @@ from megatron_rl.algorithms.corrections import mismatch_correction
 from megatron_rl.algorithms.hyperparams import (
     DEFAULT_AGGREGATION,
     FIXED_AGGREGATION,
+    SEQUENCE_LEVEL_LOSSES,
     PolicyLossConfig,
     TRMConfig,
+    token_level_corrections,
 )
 from megatron_rl.algorithms.kalman import kalman_filter
 from megatron_rl.algorithms.kl import kl_k1, kl_k3
@@ -293,6 +295,9 @@ def compute_policy_loss(
                                                  corrections.geo_mask))
     if needs_rollout and rollout_log_prob is None:
         raise ValueError("algorithm.corrections (tis / mis / icepop / geo_mask) need rollout_log_prob")
+    if name in SEQUENCE_LEVEL_LOSSES and token_level_corrections(corrections):
+        raise ValueError(f"loss {name!r} is sequence-level: token-level corrections "
+                         f"({', '.join(token_level_corrections(corrections))}) do not apply; use level: sequence")
     if config.loss_agg_mode is not None and name in FIXED_AGGREGATION:
         raise ValueError(f"loss {name!r} has a fixed aggregation; loss_agg_mode must be unset, "
                          f"got {config.loss_agg_mode!r}")
@@ -319,8 +324,5 @@ def compute_policy_loss(
         loss = aggregate(per_token, x.mask, config.loss_agg_mode or DEFAULT_AGGREGATION[name], x.ops,
                          config.loss_norm_const)
     else:
-        if token_w is not None:
-            raise ValueError(f"loss {name!r} is sequence-level: token-level corrections (token tis / mis, "
-                             "icepop) do not apply; use level: sequence")
         loss = sequence_mean(out.per_seq if seq_w is None else out.per_seq * seq_w, x.counts)
     return loss, {k: v.detach() for k, v in metrics.items()}

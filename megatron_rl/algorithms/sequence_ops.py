@@ -5,10 +5,10 @@ same code is exact whether a rank holds whole sequences (`WholeSequences`, here)
 context-parallel shard of each (`megatron_rl.parallel.context_parallel.ContextParallelGroup`).
 
 Shapes: token tensors are [B, T_local]; T_local = T on one rank. Columns are positions in the
-sequence: either the response alone (response_start = 0) or prompt + response with every
-response starting at column response_start (prompts left-padded, responses right-padded, as
-the learner lays them out); the mask selects response tokens. Reductions return [B] (per
-sequence) or the input's shape (`total`).
+sequence: either the response alone (response_start = 0) or prompt + response, the response of
+row i starting at column response_start[i] (an int shared by every row, or a [B] tensor: the
+learner's rows are [prompt | response | padding]); the mask selects response tokens.
+Reductions return [B] (per sequence) or the input's shape (`total`).
 
 Gradient contract (what makes CP exact): a reduction's *value* is the global one; its *gradient*
 flows only into this rank's tokens. A loss built from these reductions therefore has the same
@@ -25,8 +25,8 @@ from megatron_rl.algorithms.scan import affine_scan
 class WholeSequences:
     """Single-rank reductions: this rank holds every token of every sequence."""
 
-    def __init__(self, response_start: int = 0):
-        if response_start < 0:
+    def __init__(self, response_start: int | torch.Tensor = 0):
+        if (torch.as_tensor(response_start) < 0).any():
             raise ValueError(f"response_start must be >= 0, got {response_start}")
         self.response_start = response_start
 
@@ -63,12 +63,18 @@ class WholeSequences:
         return t_local
 
     def positions(self, t_local: int, device: torch.device | None = None) -> torch.Tensor:
-        """[T_local] int64: the 1-based position in the response of each local column (<= 0 before it)."""
-        return self.global_columns(t_local, device) + 1 - self.response_start
+        """The 1-based position in the response of each local column (<= 0 before it).
+
+        [T_local] int64 for a shared response_start, [B, T_local] for a per-row one.
+        """
+        columns = self.global_columns(t_local, device) + 1
+        if isinstance(self.response_start, torch.Tensor):
+            return columns[None, :] - self.response_start.to(columns.device)[:, None]
+        return columns - self.response_start
 
     def response_length(self, t_local: int) -> int:
-        """The padded response length of the whole sequences."""
-        return self.sequence_length(t_local) - self.response_start
+        """The longest response the padded sequences can hold."""
+        return self.sequence_length(t_local) - int(torch.as_tensor(self.response_start).min())
 
     def affine_scan(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """x_t = a_t x_{t-1} + b_t along the sequence, x_0 = 0. a: [T] or [B, T]; b: [B, T]."""

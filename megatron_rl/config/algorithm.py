@@ -15,7 +15,14 @@ from dataclasses import field
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from megatron_rl.algorithms.hyperparams import FIXED_AGGREGATION, AdvantageConfig, LossName, PolicyLossConfig
+from megatron_rl.algorithms.hyperparams import (
+    FIXED_AGGREGATION,
+    SEQUENCE_LEVEL_LOSSES,
+    AdvantageConfig,
+    LossName,
+    PolicyLossConfig,
+    token_level_corrections,
+)
 from megatron_rl.config.errors import ConfigError
 
 
@@ -28,6 +35,13 @@ class AlgorithmConfig(PolicyLossConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        errors = []
         if self.loss in FIXED_AGGREGATION and self.loss_agg_mode is not None:
-            raise ConfigError([("loss_agg_mode", f"must be null for loss '{self.loss}', whose aggregation "
-                                                 f"is fixed, got '{self.loss_agg_mode}'")])
+            errors.append(("loss_agg_mode", f"must be null for loss '{self.loss}', whose aggregation "
+                                            f"is fixed, got '{self.loss_agg_mode}'"))
+        if self.loss in SEQUENCE_LEVEL_LOSSES:
+            errors += [(f"corrections.{name}", f"weights tokens, but loss '{self.loss}' is sequence-level: "
+                        + ("set level: sequence" if name != "icepop" else "use a token-level loss or remove it"))
+                       for name in token_level_corrections(self.corrections)]
+        if errors:
+            raise ConfigError(errors)

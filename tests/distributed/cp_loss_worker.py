@@ -80,12 +80,19 @@ PROMPT = 16  # the prompt-layout cases put 16 masked prompt columns before the r
 PROMPT_CASES = ("kpo/q=1e-2", "vespo", "trm/combined", "ppo/seq-mean-token-sum-norm", "gspo/eps=0.05")
 
 
-def with_prompt(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same batch laid out as [prompt | response] (what the learner feeds the loss)."""
-    def pad(t, fill):
-        return torch.cat([torch.full((t.shape[0], PROMPT), fill, dtype=t.dtype), t], dim=1)
+RAGGED_STARTS = torch.tensor([16, 3, 9, 0, 12, 5])  # per-row prompt lengths (<= PROMPT)
 
-    return {key: pad(t, 0.0 if key != "log_prob" else float("nan")) for key, t in batch.items()}
+
+def with_prompt(batch: dict[str, torch.Tensor], starts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same batch laid out as rows [prompt_i | response_i | padding] of width PROMPT + LENGTH,
+    row i's response starting at column starts[i] (what the learner feeds the loss)."""
+    def place(t, fill):
+        out = torch.full((t.shape[0], PROMPT + LENGTH), fill, dtype=t.dtype)
+        for row, start in enumerate(starts.tolist()):
+            out[row, start:start + LENGTH] = t[row]
+        return out
+
+    return {key: place(t, 0.0 if key != "log_prob" else float("nan")) for key, t in batch.items()}
 
 
 def loss_and_grad(name, config, batch, shard, cp_group):
@@ -144,10 +151,11 @@ def main(out_dir: str) -> None:
     cp = ContextParallelGroup(dist.group.WORLD)
     batch = make_batch()
     cases = {name: compare_case(name, cfg, batch, cp) for name, cfg in CASES.items()}
-    prompt_cp = ContextParallelGroup(dist.group.WORLD, response_start=PROMPT)
-    cases.update({f"{name}/with-prompt": compare_case(name, CASES[name], with_prompt(batch), prompt_cp,
-                                                      WholeSequences(response_start=PROMPT))
-                  for name in PROMPT_CASES})
+    for label, starts in (("with-prompt", torch.full((BATCH,), PROMPT)), ("ragged-prompt", RAGGED_STARTS)):
+        cp_ops = ContextParallelGroup(dist.group.WORLD, response_start=starts)
+        cases.update({f"{name}/{label}": compare_case(name, CASES[name], with_prompt(batch, starts), cp_ops,
+                                                      WholeSequences(response_start=starts))
+                      for name in PROMPT_CASES})
     results = {"cases": cases, "primitives": compare_primitives(batch, cp)}
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f)

@@ -41,7 +41,8 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
-@pytest.mark.parametrize("case", sorted(CASES) + [f"{name}/with-prompt" for name in PROMPT_CASES])
+@pytest.mark.parametrize("case", sorted(CASES) + [f"{name}/{layout}" for name in PROMPT_CASES
+                                                  for layout in ("with-prompt", "ragged-prompt")])
 def test_loss_grad_and_metrics_match_single_rank(results, world, case):
     for rank, rank_results in enumerate(results[world]):
         r = rank_results["cases"][case]

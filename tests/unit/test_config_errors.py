@@ -70,6 +70,13 @@ MALFORMED = [
     case("staleness", "rollout: {max_staleness: -1}",
          ("rollout.max_staleness", "expected >= 0, got -1")),
     # Ranges checked by the hyperparams dataclasses' __post_init__.
+    case("cispo-eps", "algorithm: {cispo: {eps_high: -5}}",
+         ("algorithm.cispo.eps_high", "must be > 0, got -5.0")),
+    case("gmpo-token-tis", "algorithm: {loss: gmpo, corrections: {tis: {level: token}}}",
+         ("algorithm.corrections.tis", "weights tokens, but loss 'gmpo' is sequence-level: set level: sequence")),
+    case("gspo-icepop", "algorithm: {loss: gspo, corrections: {icepop: {}}}",
+         ("algorithm.corrections.icepop",
+          "weights tokens, but loss 'gspo' is sequence-level: use a token-level loss or remove it")),
     case("kpo-q", "algorithm: {kpo: {q: -1}}",
          ("algorithm.kpo.q", "must be > 0, got -1.0")),
     case("vespo-c1", "algorithm: {vespo: {neg: [0.5, 2.0]}}",

@@ -325,3 +325,25 @@ def test_prompt_plus_response_layout_equals_the_response_alone(name, mode):
     for key, value in expected_metrics.items():
         if key != "input/nonfinite_padding":
             assert metrics[key].item() == pytest.approx(value.item(), rel=1e-12, abs=1e-15), key
+
+
+@pytest.mark.parametrize("name", ["kpo", "vespo", "trm", "ppo"])
+def test_per_row_response_starts(name):
+    """Rows [prompt_i | response_i | padding] with different prompt lengths (response_start a
+    [B] tensor) give the loss of the right-aligned response tensor, KPO positions included."""
+    log_prob, old, adv, mask, rollout = batch(noise=0.3)
+    starts = torch.tensor([0, 3, 1, 2])
+    width = log_prob.shape[1] + 3
+
+    def shifted(t):
+        out = torch.zeros(t.shape[0], width, dtype=t.dtype)
+        for row, start in enumerate(starts.tolist()):
+            out[row, start:start + t.shape[1]] = t[row]
+        return out
+
+    config = PolicyLossConfig(kpo=KPOConfig(q=1e-2))
+    expected, _ = compute_policy_loss(name, log_prob, old, adv, mask, rollout_log_prob=rollout, config=config)
+    loss, _ = compute_policy_loss(name, shifted(log_prob), shifted(old), shifted(adv), shifted(mask),
+                                  rollout_log_prob=shifted(rollout), config=config,
+                                  cp_group=WholeSequences(response_start=starts))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
