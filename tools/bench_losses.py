@@ -5,18 +5,19 @@
 
 Prints, for forward + backward of each loss on the same batch: median time, the ratios
 kpo/ppo (goal <= 2), vespo/ppo, trm/ppo, and the KPO filter's per-token Python loop over the
-associative scan (goal >= 100). Peak memory is the growth of the peak RSS of a fresh process
-running one loss, as a multiple of one [B, T] float32 tensor.
+associative scan (goal >= 100). Peak memory: the peak extra resident memory of forward +
+backward of one loss in a fresh process (tools/peak_memory.py), as a multiple of one [B, T]
+float32 tensor.
 """
 
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+from peak_memory import fresh_process_env, peak_extra_mib
 
 from megatron_rl.algorithms.kalman import kalman_filter, kalman_gains
 from megatron_rl.algorithms.policy_loss import compute_policy_loss
@@ -63,20 +64,18 @@ def kalman_loop(z: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
     return torch.where(mask, out, torch.zeros_like(out))
 
 
-def peak_rss_growth_mb(name: str, args) -> float:
-    """Run one loss in a fresh process; return its peak-RSS growth over holding the batch."""
+def peak_memory_mb(name: str, args) -> float:
+    """Run one loss in a fresh process; return the peak extra MiB of its forward + backward."""
     cmd = [sys.executable, __file__, "--batch", str(args.batch), "--length", str(args.length),
            "--dtype", args.dtype, "--memory-of", name]
-    return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip())
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=fresh_process_env())
+    return float(out.stdout.strip())
 
 
 def measure_memory_of(name: str, args) -> None:
     data = make_batch(args.batch, args.length, getattr(torch, args.dtype))
-    kalman_gains(args.length, 1e-6)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    forward_backward(name, data)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024)
+    forward_backward(name, data)  # warm-up: gain table, allocator
+    print(peak_extra_mib(lambda: forward_backward(name, data)))
 
 
 def main() -> None:
@@ -96,7 +95,7 @@ def main() -> None:
     print(f"policy losses, forward + backward: B={args.batch} T={args.length} {args.dtype}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     seconds = {name: median_seconds(lambda n=name: forward_backward(n, data), args.repeats) for name in LOSSES}
-    memory = {name: peak_rss_growth_mb(name, args) for name in LOSSES}
+    memory = {name: peak_memory_mb(name, args) for name in LOSSES}
     print(f"{'loss':<12}{'median ms':>12}{'peak +MB':>12}{'x [B,T] f32':>14}")
     for name in LOSSES:
         print(f"{name:<12}{seconds[name] * 1e3:>12.1f}{memory[name]:>12.1f}{memory[name] / tensor_mb:>14.1f}")
