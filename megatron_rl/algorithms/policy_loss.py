@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_rl.algorithms.aggregation import aggregate, sequence_mean
+from megatron_rl.algorithms.aggregation import GlobalCounts, aggregate, sequence_mean
 from megatron_rl.algorithms.corrections import mismatch_correction
 from megatron_rl.algorithms.hyperparams import (
     DEFAULT_AGGREGATION,
@@ -273,6 +273,7 @@ def compute_policy_loss(
     rollout_log_prob: torch.Tensor | None = None,
     config: PolicyLossConfig | None = None,
     cp_group: WholeSequences | None = None,
+    step_counts: GlobalCounts | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """The policy loss `name` and its metrics (detached 0-dim tensors).
 
@@ -285,6 +286,9 @@ def compute_policy_loss(
         cp_group: None when this rank holds whole sequences; a ContextParallelGroup when it
             holds a CP shard. The loss value is then the global one on every rank and its
             gradient covers this rank's tokens only (sum parameter gradients over CP).
+        step_counts: when this batch is one micro-batch of a step, the step's response-token and
+            sequence counts (over micro-batches and DP ranks): the losses of the micro-batches
+            then add up to the loss of the step. None: normalise over this batch.
     """
     config = config if config is not None else PolicyLossConfig()
     if name not in POLICY_LOSSES:
@@ -322,7 +326,8 @@ def compute_policy_loss(
         if seq_w is not None:
             per_token = per_token * seq_w[:, None]
         loss = aggregate(per_token, x.mask, config.loss_agg_mode or DEFAULT_AGGREGATION[name], x.ops,
-                         config.loss_norm_const)
+                         config.loss_norm_const, step_counts)
     else:
-        loss = sequence_mean(out.per_seq if seq_w is None else out.per_seq * seq_w, x.counts)
+        loss = sequence_mean(out.per_seq if seq_w is None else out.per_seq * seq_w, x.counts,
+                             step_counts.sequences if step_counts is not None else None)
     return loss, {k: v.detach() for k, v in metrics.items()}

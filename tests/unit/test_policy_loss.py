@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from megatron_rl.algorithms.aggregation import GlobalCounts
 from megatron_rl.algorithms.hyperparams import (
     CorrectionsConfig,
     GeoMaskConfig,
@@ -347,3 +348,22 @@ def test_per_row_response_starts(name):
                                   rollout_log_prob=shifted(rollout), config=config,
                                   cp_group=WholeSequences(response_start=starts))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("name, mode", [(name, None) for name in sorted(POLICY_LOSSES)]
+                         + [("ppo", mode) for mode in ("seq-mean-token-mean", "seq-mean-token-sum",
+                                                         "seq-mean-token-sum-norm")])
+def test_micro_batches_with_step_counts_add_up_to_the_whole_batch(name, mode):
+    log_prob, old, adv, mask, rollout = batch(noise=0.3, lengths=[6, 4, 1, 5, 0, 3], adv=[1, -0.5, 2, -1.5, 1, 0.3])
+    config = PolicyLossConfig(loss_agg_mode=mode, kpo=KPOConfig(q=1e-2))
+    whole, whole_grad, _ = run(name, log_prob, old, adv, mask, rollout, **config.__dict__)
+    counts = GlobalCounts(tokens=mask.sum().item(), sequences=(mask.sum(-1) > 0).sum().item())
+    total, grads = 0.0, []
+    for rows in (slice(0, 2), slice(2, 5), slice(5, 6)):
+        lp = log_prob[rows].clone().requires_grad_()
+        loss, _ = compute_policy_loss(name, lp, old[rows], adv[rows], mask[rows], rollout_log_prob=rollout[rows],
+                                      config=config, step_counts=counts)
+        grads.append(torch.autograd.grad(loss, lp)[0])
+        total += loss.item()
+    assert total == pytest.approx(whole.item(), rel=1e-12, abs=1e-15)
+    assert torch.allclose(torch.cat(grads), whole_grad, atol=1e-14)
