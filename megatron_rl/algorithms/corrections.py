@@ -19,6 +19,7 @@ import torch
 
 from megatron_rl.algorithms.aggregation import sequence_mean
 from megatron_rl.algorithms.hyperparams import BandConfig, CorrectionsConfig
+from megatron_rl.algorithms.metrics import Metrics
 from megatron_rl.algorithms.sequence_ops import WholeSequences
 
 
@@ -28,7 +29,7 @@ class Correction:
 
     token_weights: torch.Tensor | None  # [B, T]
     seq_weights: torch.Tensor | None  # [B]
-    metrics: dict[str, torch.Tensor]
+    metrics: Metrics
 
 
 def truncated_weights(log_w: torch.Tensor, threshold: float, masked: bool) -> torch.Tensor:
@@ -62,24 +63,24 @@ def mismatch_correction(
     log_w = log_w.detach()
     counts = ops.seq_sum(mask)
     seq_log_w = ops.seq_sum(log_w * mask)
-    token_factors, seq_factors, metrics = [], [], {}
+    token_factors, seq_factors, metrics = [], [], Metrics()
     for name, spec, masked in (("tis", cfg.tis, False), ("mis", cfg.mis, True)):
         if spec is None:
             continue
         if spec.level == "token":
             weights = truncated_weights(log_w, spec.threshold, masked)
             token_factors.append(weights)
-            metrics[f"mismatch/{name}_weight_mean"] = ops.mean(weights, mask)
+            metrics.add("token", {f"mismatch/{name}_weight_mean": ops.mean(weights, mask)})
         else:
             weights = truncated_weights(seq_log_w, spec.threshold, masked)
             seq_factors.append(weights)
-            metrics[f"mismatch/{name}_weight_mean"] = sequence_mean(weights, counts)
+            metrics.add("sequence", {f"mismatch/{name}_weight_mean": sequence_mean(weights, counts)})
     if cfg.icepop is not None:
         kept = _in_band(log_w, cfg.icepop)
         token_factors.append(torch.where(kept, log_w.exp(), torch.zeros_like(log_w)))
-        metrics["mismatch/icepop_keep_frac"] = ops.mean(kept.to(log_w.dtype), mask)
+        metrics.add("token", {"mismatch/icepop_keep_frac": ops.mean(kept.to(log_w.dtype), mask)})
     if cfg.geo_mask is not None:
         keep = _in_band(seq_log_w / counts.clamp(min=1), cfg.geo_mask) | (counts == 0)
         seq_factors.append(keep.to(log_w.dtype))
-        metrics["mismatch/geo_mask_keep_frac"] = sequence_mean(keep.to(log_w.dtype), counts)
+        metrics.add("sequence", {"mismatch/geo_mask_keep_frac": sequence_mean(keep.to(log_w.dtype), counts)})
     return Correction(_product(token_factors), _product(seq_factors), metrics)

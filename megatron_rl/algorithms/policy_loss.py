@@ -44,11 +44,10 @@ from megatron_rl.algorithms.hyperparams import (
 from megatron_rl.algorithms.kalman import kalman_filter
 from megatron_rl.algorithms.kl import kl_k1, kl_k3
 from megatron_rl.algorithms.loss_inputs import LossInputs, prepare_loss_inputs
+from megatron_rl.algorithms.metrics import Metrics
 from megatron_rl.algorithms.sequence_ops import WHOLE_SEQUENCES, WholeSequences
 from megatron_rl.algorithms.trm import trm_bounds, trm_mask, trm_sequence_stats
 from megatron_rl.algorithms.vespo import vespo_phi
-
-Metrics = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -57,7 +56,7 @@ class LossOutput:
 
     per_token: torch.Tensor | None = None  # [B, T_local]
     per_seq: torch.Tensor | None = None  # [B], already global (same value on every CP rank)
-    metrics: Metrics = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 @dataclass(frozen=True)
@@ -97,9 +96,9 @@ def clipped_surrogate(ratio, adv, eps_low, eps_high, dual_clip_c=None):
 
 
 def _clip_metrics(x: LossInputs, clipped, dual=None) -> Metrics:
-    metrics = {"policy/clip_frac": x.ops.mean(clipped.to(x.mask.dtype), x.mask)}
+    metrics = Metrics().add("token", {"policy/clip_frac": x.ops.mean(clipped.to(x.mask.dtype), x.mask)})
     if dual is not None:
-        metrics["policy/dual_clip_frac"] = x.ops.mean(dual.to(x.mask.dtype), x.mask)
+        metrics.add("token", {"policy/dual_clip_frac": x.ops.mean(dual.to(x.mask.dtype), x.mask)})
     return metrics
 
 
@@ -121,10 +120,10 @@ def gspo_loss(x: LossInputs, p) -> LossOutput:
     seq_ratio = _mean_log_ratio(x, x.log_ratio).exp()
     loss, clipped, _ = clipped_surrogate(seq_ratio, x.seq_advantage, p.eps_low, p.eps_high)
     nonempty = (x.counts > 0).to(seq_ratio.dtype)
-    return LossOutput(per_seq=loss, metrics={
+    return LossOutput(per_seq=loss, metrics=Metrics().add("sequence", {
         "policy/clip_frac": (clipped * nonempty).sum() / nonempty.sum().clamp(min=1),
-        "gspo/seq_ratio_mean": sequence_mean(seq_ratio.detach(), x.counts),
-    })
+        "gspo/seq_ratio_mean": sequence_mean(seq_ratio, x.counts),
+    }))
 
 
 def _detached_value_ratio(x: LossInputs, log_value: torch.Tensor) -> torch.Tensor:
@@ -146,10 +145,9 @@ def gmpo_loss(x: LossInputs, p) -> LossOutput:
     z_hat = sign * torch.minimum(sign * z, sign * z.clamp(-p.eps_low, p.eps_high))
     seq_ratio = _mean_log_ratio(x, z_hat).exp()
     clipped = (z_hat != z).to(x.mask.dtype)
-    return LossOutput(per_seq=-x.seq_advantage * seq_ratio, metrics={
-        "policy/clip_frac": x.ops.mean(clipped, x.mask),
-        "gmpo/seq_ratio_mean": sequence_mean(seq_ratio.detach(), x.counts),
-    })
+    metrics = Metrics().add("token", {"policy/clip_frac": x.ops.mean(clipped, x.mask)})
+    metrics.add("sequence", {"gmpo/seq_ratio_mean": sequence_mean(seq_ratio, x.counts)})
+    return LossOutput(per_seq=-x.seq_advantage * seq_ratio, metrics=metrics)
 
 
 @register("cispo", lambda c: c.cispo)
@@ -159,7 +157,7 @@ def cispo_loss(x: LossInputs, p) -> LossOutput:
     weight = ratio.clamp(low, 1.0 + p.eps_high)
     clipped = (weight != ratio).to(x.mask.dtype)
     return LossOutput(per_token=-weight * x.advantages * x.log_prob,
-                      metrics={"policy/clip_frac": x.ops.mean(clipped, x.mask)})
+                      metrics=Metrics().add("token", {"policy/clip_frac": x.ops.mean(clipped, x.mask)}))
 
 
 @register("sapo", lambda c: c.sapo)
@@ -167,7 +165,7 @@ def sapo_loss(x: LossInputs, p) -> LossOutput:
     tau = torch.where(x.advantages > 0, p.tau_pos, p.tau_neg).to(x.log_prob.dtype)
     gate = torch.sigmoid(tau * (x.log_ratio.exp() - 1.0)) * 4.0 / tau
     return LossOutput(per_token=-gate * x.advantages,
-                      metrics={"sapo/gate_mean": x.ops.mean(gate.detach(), x.mask)})
+                      metrics=Metrics().add("token", {"sapo/gate_mean": x.ops.mean(gate, x.mask)}))
 
 
 @register("kpo", lambda c: c.kpo)
@@ -178,10 +176,10 @@ def kpo_loss(x: LossInputs, p) -> LossOutput:
         loss, clipped, _ = clipped_surrogate(ratio, x.advantages, p.eps_low, p.eps_high)
         metrics = _clip_metrics(x, clipped)
     else:
-        loss, metrics = -x.advantages * ratio, {}
-    metrics["kpo/x_hat_abs_mean"] = x.ops.mean(x_hat.abs(), x.mask)
-    metrics["kpo/x_hat_abs_max"] = x.ops.max(x_hat.abs(), x.mask)
-    metrics["kpo/z_abs_mean"] = x.ops.mean(x.log_ratio.detach().abs(), x.mask)
+        loss, metrics = -x.advantages * ratio, Metrics()
+    metrics.add("token", {"kpo/x_hat_abs_mean": x.ops.mean(x_hat.abs(), x.mask),
+                          "kpo/z_abs_mean": x.ops.mean(x.log_ratio.detach().abs(), x.mask)})
+    metrics.add("max", {"kpo/x_hat_abs_max": x.ops.max(x_hat.abs(), x.mask)})
     return LossOutput(per_token=loss, metrics=metrics)
 
 
@@ -193,14 +191,14 @@ def vespo_loss(x: LossInputs, p) -> LossOutput:
     phi = vespo_phi(log_w, x.seq_advantage, p.pos, p.neg)
     nonempty = x.counts > 0
     phi_kept = phi[nonempty]
-    ess = phi_kept.sum() ** 2 / (phi_kept.numel() * (phi_kept**2).sum()).clamp(min=1e-30)
-    return LossOutput(per_token=-phi[:, None] * x.advantages * x.log_prob, metrics={
+    metrics = Metrics().add("sequence", {
         "vespo/phi_mean": sequence_mean(phi, x.counts),
-        "vespo/phi_min": phi_kept.min() if phi_kept.numel() else phi.new_zeros(()),
-        "vespo/phi_max": phi_kept.max() if phi_kept.numel() else phi.new_zeros(()),
-        "vespo/phi_ess": ess,
+        "vespo/phi_sq_mean": sequence_mean(phi**2, x.counts),
         "vespo/log_w_mean": sequence_mean(log_w.clamp(-20, 20), x.counts),
     })
+    if phi_kept.numel():
+        metrics.add("min", {"vespo/phi_min": phi_kept.min()}).add("max", {"vespo/phi_max": phi_kept.max()})
+    return LossOutput(per_token=-phi[:, None] * x.advantages * x.log_prob, metrics=metrics)
 
 
 def trm_keep(x: LossInputs, p: TRMConfig, prefix: str) -> tuple[torch.Tensor, Metrics]:
@@ -215,7 +213,8 @@ def trm_keep(x: LossInputs, p: TRMConfig, prefix: str) -> tuple[torch.Tensor, Me
     stats = trm_sequence_stats(log_rho, x.mask, ops=x.ops)
     nonempty = x.counts > 0
     accepted = keep & nonempty
-    metrics = {f"{prefix}/accept_rate": accepted.sum() / nonempty.sum().clamp(min=1)}
+    accept_rate = accepted.to(x.mask.dtype).sum() / nonempty.sum().clamp(min=1)
+    metrics = Metrics().add("sequence", {f"{prefix}/accept_rate": accept_rate})
     if accepted.any():
         delta = float(stats["max_k2"][accepted].max())
         if delta > 0:
@@ -223,7 +222,7 @@ def trm_keep(x: LossInputs, p: TRMConfig, prefix: str) -> tuple[torch.Tensor, Me
                 int(stats["length"][accepted].max()), delta,
                 d_kl_seq=float((stats["mean_k3"] * stats["length"])[accepted].mean()),
             )
-            metrics.update({f"{prefix}/bound_{k}": torch.tensor(v) for k, v in bounds.items()})
+            metrics.add("max", {f"{prefix}/bound_{k}": torch.tensor(v) for k, v in bounds.items()})
     return keep, metrics
 
 
@@ -236,19 +235,19 @@ def trm_loss(x: LossInputs, p) -> LossOutput:
 
 def _common_metrics(x: LossInputs) -> Metrics:
     z = x.log_ratio.detach()
-    metrics = {
+    metrics = Metrics().add("token", {
         "policy/ratio_mean": x.ops.mean(z.exp(), x.mask),
-        "policy/ratio_max": x.ops.max(z.exp(), x.mask),
-        "policy/ratio_min": -x.ops.max(-z.exp(), x.mask),
         "kl/k1": x.ops.mean(kl_k1(z), x.mask),
         "kl/k3": x.ops.mean(kl_k3(z), x.mask),
-        "input/nonfinite_padding": x.nonfinite_padding,
-    }
+    })
+    metrics.add("max", {"policy/ratio_max": x.ops.max(z.exp(), x.mask)})
+    metrics.add("min", {"policy/ratio_min": -x.ops.max(-z.exp(), x.mask)})
+    metrics.add("sum", {"input/nonfinite_padding": x.nonfinite_padding})
     if x.rollout_log_prob is not None:
         mismatch = x.clamp_log_ratio(x.old_log_prob - x.rollout_log_prob)
         seq_gap = (x.ops.seq_sum(mismatch * x.mask) / x.counts.clamp(min=1)).abs()
-        metrics["mismatch/k3"] = x.ops.mean(kl_k3(mismatch), x.mask)
-        metrics["mismatch/log_ppl_abs_diff"] = sequence_mean(seq_gap, x.counts)
+        metrics.add("token", {"mismatch/k3": x.ops.mean(kl_k3(mismatch), x.mask)})
+        metrics.add("sequence", {"mismatch/log_ppl_abs_diff": sequence_mean(seq_gap, x.counts)})
     return metrics
 
 
@@ -308,17 +307,17 @@ def compute_policy_loss(
     x = prepare_loss_inputs(log_prob, old_log_prob, advantages, response_mask, rollout_log_prob,
                             _resolve_ops(cp_group), config.max_log_ratio)
     out = spec.fn(x, spec.params(config))
-    metrics = {**_common_metrics(x), **out.metrics}
+    metrics = _common_metrics(x).merge(out.metrics)
     token_w, seq_w = None, None
     if needs_rollout:
         log_w = x.clamp_log_ratio(x.old_log_prob - x.rollout_log_prob)
         correction = mismatch_correction(corrections, log_w, x.mask, x.ops)
         token_w, seq_w = correction.token_weights, correction.seq_weights
-        metrics.update(correction.metrics)
+        metrics.merge(correction.metrics)
     if corrections.trm is not None:
         keep, trm_metrics = trm_keep(x, corrections.trm, "trm_mask")
         seq_w = keep.to(x.mask.dtype) if seq_w is None else seq_w * keep
-        metrics.update(trm_metrics)
+        metrics.merge(trm_metrics)
     if out.per_token is not None:
         per_token = out.per_token
         if token_w is not None:
@@ -330,4 +329,4 @@ def compute_policy_loss(
     else:
         loss = sequence_mean(out.per_seq if seq_w is None else out.per_seq * seq_w, x.counts,
                              step_counts.sequences if step_counts is not None else None)
-    return loss, {k: v.detach() for k, v in metrics.items()}
+    return loss, metrics.with_derived()

@@ -18,6 +18,7 @@ from megatron_rl.algorithms.hyperparams import (
 )
 from megatron_rl.algorithms.kalman import kalman_filter
 from megatron_rl.algorithms.loss_inputs import NonFiniteInputError
+from megatron_rl.algorithms.metrics import accumulate, combine, finalize
 from megatron_rl.algorithms.policy_loss import POLICY_LOSSES, compute_policy_loss
 from megatron_rl.algorithms.sequence_ops import WholeSequences
 from megatron_rl.algorithms.vespo import vespo_phi
@@ -367,3 +368,24 @@ def test_micro_batches_with_step_counts_add_up_to_the_whole_batch(name, mode):
         total += loss.item()
     assert total == pytest.approx(whole.item(), rel=1e-12, abs=1e-15)
     assert torch.allclose(torch.cat(grads), whole_grad, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
+def test_metrics_of_micro_batches_combine_into_the_metrics_of_the_batch(name):
+    """Every metric declares how it combines; combining the micro-batches' metrics by those
+    declarations gives the whole batch's metrics (means, extremes, sums and derived ones)."""
+    log_prob, old, adv, mask, rollout = batch(noise=0.3, lengths=[6, 4, 1, 5, 0, 3], adv=[1, -0.5, 2, -1.5, 1, 0.3])
+    config = PolicyLossConfig(kpo=KPOConfig(q=1e-2), corrections=CorrectionsConfig(
+        tis=TruncatedISConfig(level="sequence"), geo_mask=GeoMaskConfig(low=0.99, high=1.01)))
+    _, whole = compute_policy_loss(name, log_prob, old, adv, mask, rollout_log_prob=rollout, config=config)
+    parts = []
+    for rows in (slice(0, 2), slice(2, 5), slice(5, 6)):
+        _, metrics = compute_policy_loss(name, log_prob[rows], old[rows], adv[rows], mask[rows],
+                                         rollout_log_prob=rollout[rows], config=config)
+        parts.append(accumulate(metrics, mask[rows].sum().item(), (mask[rows].sum(-1) > 0).sum().item()))
+    combined = finalize(combine(parts))
+    assert set(whole) == set(whole.reductions)
+    bounds = ("trm/bound_", "trm_mask/bound_")  # evaluated on a batch's extremes: not decomposable
+    expected = {key: value.item() for key, value in whole.items() if not key.startswith(bounds)}
+    for key, value in expected.items():
+        assert combined[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
