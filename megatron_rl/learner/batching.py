@@ -168,3 +168,32 @@ def collate(samples: Sequence[RolloutSample], indices: Sequence[int], pad_multip
         response_start=torch.tensor(starts),
         sample_index=torch.tensor(list(indices)),
     )
+
+
+def pad_to_shape(mb: MicroBatch, rows: int, width: int, pad_id: int = 0) -> MicroBatch:
+    """mb grown to [rows, width] with empty rows (no response token) and padding columns.
+
+    Pipeline schedules send activations of one fixed shape between stages: every micro-batch of
+    a step is padded to the largest one. Empty rows count in no loss and no metric.
+    """
+    b, s = mb.tokens.shape
+    if rows < b or width < s:
+        raise ValueError(f"cannot pad a [{b}, {s}] micro-batch to [{rows}, {width}]")
+
+    def grow(t, fill):
+        if t is None:
+            return None
+        out = torch.full((rows, width), fill, dtype=t.dtype)
+        out[:b, :s] = t
+        return out
+
+    return MicroBatch(
+        tokens=grow(mb.tokens, pad_id),
+        position_ids=torch.arange(width).expand(rows, width).clone(),
+        labels=grow(mb.labels, 0),
+        loss_mask=grow(mb.loss_mask, 0.0),
+        advantages=grow(mb.advantages, 0.0),
+        rollout_log_probs=grow(mb.rollout_log_probs, 0.0),
+        response_start=torch.cat([mb.response_start, torch.zeros(rows - b, dtype=torch.int64)]),
+        sample_index=torch.cat([mb.sample_index, torch.full((rows - b,), -1, dtype=torch.int64)]),
+    )

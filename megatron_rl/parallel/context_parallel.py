@@ -52,6 +52,13 @@ def gather_from_context_parallel(x_local: torch.Tensor, group, dim: int = -1) ->
     return torch.cat(chunks, dim=dim)
 
 
+def sequence_ops(group, response_start: int | torch.Tensor = 0) -> WholeSequences:
+    """The SequenceOps of a CP group: ContextParallelGroup, or WholeSequences when cp = 1."""
+    if dist.get_world_size(group) == 1:
+        return WholeSequences(response_start)
+    return ContextParallelGroup(group, response_start)
+
+
 class ContextParallelGroup(WholeSequences):
     """Sequence reductions over a CP process group, for [B, T_local] zig-zag shards."""
 

@@ -1,0 +1,64 @@
+"""RL steps of PolicyLearner in every parallel layout against the single-rank twin.
+
+The twin (one rank) and each layout (two gloo ranks) start from the same weights and train on
+the same samples for 3 steps per loss (ppo, kpo, vespo, trm), fp32. Step losses, gradient norms
+and the loss metrics must agree within 5e-5; steps 2 and 3 are off-policy (the old policy is
+the initial one), so ratios, clips and masks are exercised. See step_worker.py.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from step_worker import LOSSES, MODES  # noqa: E402
+
+WORKER = Path(__file__).with_name("step_worker.py")
+TOL = 5e-5
+pytestmark = pytest.mark.distributed
+
+
+def torchrun(nproc: int, out_dir: Path, *modes: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", str(WORKER), str(out_dir), *modes],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("steps")
+    torchrun(1, out_dir, "reference")
+    torchrun(2, out_dir, *MODES)
+    return {path.name.removesuffix(".json"): json.loads(path.read_text()) for path in out_dir.glob("*.json")}
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_layout_matches_the_single_rank_twin(runs, mode, loss):
+    kind = "moe" if MODES[mode][0].get("num_experts") else "dense"
+    reference = runs["reference.rank0"][f"{kind}/{loss}"]
+    for rank in (0, 1):
+        result = runs[f"{mode}.rank{rank}"]
+        assert "error" not in result, result["error"]
+        steps = result[f"{kind}/{loss}"]
+        assert len(steps) == len(reference) == 3
+        for step, (got, want) in enumerate(zip(steps, reference, strict=True)):
+            assert not got["skipped"] and not want["skipped"]
+            assert abs(got["loss"] - want["loss"]) <= TOL, (step, got["loss"], want["loss"])
+            assert abs(got["grad_norm"] - want["grad_norm"]) <= TOL, (step, got["grad_norm"], want["grad_norm"])
+            assert set(got["metrics"]) == set(want["metrics"])
+            for name, value in want["metrics"].items():
+                assert abs(got["metrics"][name] - value) <= TOL * max(1.0, abs(value)), (step, name)
+
+
+def test_the_twin_does_real_work(runs):
+    """Non-zero gradients every step, losses that move, and clipping on the off-policy steps."""
+    reference = runs["reference.rank0"]
+    for key, steps in reference.items():
+        assert all(step["grad_norm"] > 1e-3 for step in steps), key
+        assert len({round(step["loss"], 6) for step in steps}) == 3, key
+    assert reference["dense/ppo"][2]["metrics"]["train/policy/clip_frac"] > 0
