@@ -10,20 +10,40 @@ several batches (micro-batches, data-parallel ranks) make the value of their uni
 
 import torch
 
+from megatron_rl.algorithms.trm import trm_bounds
+
 REDUCTIONS = ("token", "sequence", "max", "min", "sum", "derived")
 
-# name -> (the metrics it needs, how): VESPO's effective sample size of phi over the sequences,
-# ESS = (mean phi)^2 / mean phi^2 (1 when every phi is equal).
-DERIVED = {
-    "vespo/phi_ess": (("vespo/phi_mean", "vespo/phi_sq_mean"), lambda mean, sq_mean: mean**2 / max(sq_mean, 1e-30)),
-}
+
+
+def _phi_ess(mean: float, sq_mean: float) -> dict[str, float]:
+    """VESPO's effective sample size of phi over the sequences, (mean phi)^2 / mean phi^2."""
+    return {"vespo/phi_ess": mean**2 / max(sq_mean, 1e-30)}
+
+
+def _trm_bounds(prefix: str):
+    """TRM's bounds (ALGORITHMS.md 4.2) on the accepted sequences, from sample estimates: delta =
+    their largest max_t k2, D_KL^seq = their mean sum_t k3, T = their longest length."""
+    def bounds(delta: float, longest: float, kl_seq_sum: float, accepted: float) -> dict[str, float]:
+        if delta <= 0 or accepted == 0:
+            return {}
+        found = trm_bounds(int(longest), float(delta), d_kl_seq=float(kl_seq_sum) / float(accepted))
+        return {f"{prefix}/bound_{name}": value for name, value in found.items()}
+
+    inputs = tuple(f"{prefix}/{key}" for key in ("accepted_max_k2", "accepted_max_length",
+                                                 "accepted_kl_seq_sum", "accepted_count"))
+    return inputs, bounds
+
+
+# (the metrics a group needs, the function giving the group's metrics from their values)
+DERIVED = [(("vespo/phi_mean", "vespo/phi_sq_mean"), _phi_ess), _trm_bounds("trm"), _trm_bounds("trm_mask")]
 
 
 def add_derived(values: dict) -> dict:
     """values plus every DERIVED metric whose inputs are present (floats or 0-dim tensors)."""
-    for name, (inputs, formula) in DERIVED.items():
+    for inputs, formula in DERIVED:
         if all(key in values for key in inputs):
-            values[name] = formula(*(values[key] for key in inputs))
+            values.update(formula(*(float(values[key]) for key in inputs)))
     return values
 
 
@@ -45,7 +65,7 @@ class Metrics(dict[str, torch.Tensor]):
     def with_derived(self) -> "Metrics":
         for name, value in add_derived(dict(self)).items():
             if name not in self:
-                self.add("derived", {name: torch.as_tensor(value)})
+                self.add("derived", {name: torch.tensor(float(value), dtype=torch.float64)})
         return self
 
     def merge(self, other: "Metrics") -> "Metrics":

@@ -46,7 +46,7 @@ from megatron_rl.algorithms.kl import kl_k1, kl_k3
 from megatron_rl.algorithms.loss_inputs import LossInputs, prepare_loss_inputs
 from megatron_rl.algorithms.metrics import Metrics
 from megatron_rl.algorithms.sequence_ops import WHOLE_SEQUENCES, WholeSequences
-from megatron_rl.algorithms.trm import trm_bounds, trm_mask, trm_sequence_stats
+from megatron_rl.algorithms.trm import trm_mask, trm_sequence_stats
 from megatron_rl.algorithms.vespo import vespo_phi
 
 
@@ -204,26 +204,23 @@ def vespo_loss(x: LossInputs, p) -> LossOutput:
 def trm_keep(x: LossInputs, p: TRMConfig, prefix: str) -> tuple[torch.Tensor, Metrics]:
     """TRM's sequence mask on log rho = log pi_theta - log mu (detached), and its metrics.
 
-    Bounds (ALGORITHMS.md 4.2) are evaluated on the accepted sequences with the sample
-    estimates: delta = their largest max_t k2, D_KL^seq = their mean sum_t k3, T = their
-    longest length.
+    Besides the acceptance rate, the accepted sequences' largest max_t k2, longest length, sum
+    of sum_t k3 and count: from them `metrics.DERIVED` evaluates the paper's bounds for any union
+    of batches (prefix/bound_*).
     """
     log_rho = x.clamp_log_ratio(x.log_prob.detach() - x.behaviour_log_prob)
     keep = trm_mask(log_rho, x.mask, max_k2=p.max_k2, avg_k3=p.avg_k3, ops=x.ops)
     stats = trm_sequence_stats(log_rho, x.mask, ops=x.ops)
     nonempty = x.counts > 0
-    accepted = keep & nonempty
-    accept_rate = accepted.to(x.mask.dtype).sum() / nonempty.sum().clamp(min=1)
-    metrics = Metrics().add("sequence", {f"{prefix}/accept_rate": accept_rate})
-    if accepted.any():
-        delta = float(stats["max_k2"][accepted].max())
-        if delta > 0:
-            bounds = trm_bounds(
-                int(stats["length"][accepted].max()), delta,
-                d_kl_seq=float((stats["mean_k3"] * stats["length"])[accepted].mean()),
-            )
-            metrics.add("max", {f"{prefix}/bound_{k}": torch.tensor(v) for k, v in bounds.items()})
-    return keep, metrics
+    accepted = (keep & nonempty).to(x.mask.dtype)
+    zero = accepted.new_zeros(())
+    metrics = Metrics().add("sequence", {f"{prefix}/accept_rate": accepted.sum() / nonempty.sum().clamp(min=1)})
+    metrics.add("max", {f"{prefix}/accepted_max_k2": torch.maximum(zero, (stats["max_k2"] * accepted).max()),
+                        f"{prefix}/accepted_max_length": torch.maximum(zero, (stats["length"] * accepted).max())})
+    return keep, metrics.add("sum", {
+        f"{prefix}/accepted_kl_seq_sum": (stats["mean_k3"] * stats["length"] * accepted).sum(),
+        f"{prefix}/accepted_count": accepted.sum(),
+    })
 
 
 @register("trm", lambda c: c.trm)

@@ -39,7 +39,7 @@ LOSSES = {
     "ppo": {"loss": "ppo"},
     "kpo": {"loss": "kpo", "kpo": {"q": 1e-2, "eps_low": 0.05, "eps_high": 0.05}},
     "vespo": {"loss": "vespo"},
-    "trm": {"loss": "trm", "trm": {"max_k2": 0.1}},
+    "trm": {"loss": "trm", "trm": {"max_k2": 0.01}},
 }
 DENSE = {"num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
          "num_query_groups": 2, "vocab_size": 128, "max_position_embeddings": 64}
@@ -116,6 +116,39 @@ def run_mode(model_cfg: dict, parallel: dict, distributed_optimizer: bool, world
     return results, full_state
 
 
+def nan_guard(samples, full_state: dict) -> dict:
+    """TP2: NaN logits on TP rank 1 only (a forward hook on the output layer) -> the step is
+    skipped on both ranks with the weights bitwise unchanged; with the hook removed, the next step
+    is the twin's first step (nothing of the skipped one remains)."""
+    cfg = run_config(DENSE, {"tp": 2, "sequence_parallel": True}, True, LOSSES["ppo"], 2)
+    initialize_parallel(cfg.parallel, seed=SEED)
+    chunks = build_model_chunks(cfg.model, cfg.parallel)
+    load_full_state(chunks, full_state)
+    model = wrap_data_parallel(chunks, cfg.optimizer)
+    optimizer, scheduler = build_optimizer(model, cfg.optimizer, total_steps=STEPS)
+    learner = PolicyLearner(cfg, model, optimizer, scheduler)
+    plan = plan_micro_batches([len(s) for s in samples], cfg.parallel.dp, MAX_TOKENS, 2)
+    micro_batches = [collate(samples, indices, 2) for indices in plan[parallel_state.get_data_parallel_rank()]]
+    counts = GlobalCounts(tokens=sum(len(s.response_ids) for s in samples), sequences=len(samples))
+    before = [p.detach().clone() for chunk in chunks for p in chunk.parameters()]
+
+    def poison(module, inputs, output):
+        logits, bias = output
+        return logits + float("nan"), bias  # stays in the graph: both TP ranks run the same backward
+
+    hook = (chunks[-1].output_layer.register_forward_hook(poison)
+            if parallel_state.get_tensor_model_parallel_rank() == 1 else None)
+    skipped = learner.train_step(micro_batches, counts)
+    unchanged = all(torch.equal(a, p) for a, p in zip(before, (p for c in chunks for p in c.parameters()), strict=True))
+    if hook is not None:
+        hook.remove()
+    after = learner.train_step(micro_batches, counts)
+    parallel_state.destroy_model_parallel()
+    return {"skipped": skipped.skipped, "skip_reason": skipped.skip_reason, "weights_unchanged": unchanged,
+            "lr_before_resume": skipped.learning_rate,
+            "next": {"loss": after.loss, "grad_norm": after.grad_norm, "skipped": after.skipped}}
+
+
 def main(out_dir: Path, modes: list[str]) -> None:
     torch.set_num_threads(1)
     samples = make_samples()
@@ -128,6 +161,8 @@ def main(out_dir: Path, modes: list[str]) -> None:
                     results, full_state = run_mode(model_cfg, {}, False, 1, samples, None)
                     torch.save(full_state, out_dir / f"initial_{kind}.pt")
                     out.update({f"{kind}/{loss}": steps for loss, steps in results.items()})
+            elif mode == "nan_guard":
+                out["nan_guard"] = nan_guard(samples, torch.load(out_dir / "initial_dense.pt", weights_only=True))
             else:
                 model_cfg, parallel, distributed_optimizer = MODES[mode]
                 kind = "moe" if model_cfg is MOE else "dense"

@@ -32,7 +32,7 @@ def torchrun(nproc: int, out_dir: Path, *modes: str) -> None:
 def runs(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("steps")
     torchrun(1, out_dir, "reference")
-    torchrun(2, out_dir, *MODES)
+    torchrun(2, out_dir, *MODES, "nan_guard")
     return {path.name.removesuffix(".json"): json.loads(path.read_text()) for path in out_dir.glob("*.json")}
 
 
@@ -62,3 +62,19 @@ def test_the_twin_does_real_work(runs):
         assert all(step["grad_norm"] > 1e-3 for step in steps), key
         assert len({round(step["loss"], 6) for step in steps}) == 3, key
     assert reference["dense/ppo"][2]["metrics"]["train/policy/clip_frac"] > 0
+    for kind in ("dense", "moe"):
+        accept = [step["metrics"]["train/trm/accept_rate"] for step in reference[f"{kind}/trm"]]
+        assert any(0 < rate < 1 for rate in accept), (kind, accept)
+
+
+def test_non_finite_logits_skip_the_step_on_every_rank(runs):
+    twin_first_step = runs["reference.rank0"]["dense/ppo"][0]
+    for rank in (0, 1):
+        guard = runs[f"nan_guard.rank{rank}"]["nan_guard"]
+        assert guard["skipped"] and guard["weights_unchanged"]
+        # the NaN logits of TP rank 1 reach both ranks' log-probs through the vocab-parallel all-reduce
+        assert "log_prob: " in guard["skip_reason"] and "NaN/inf value(s) on response tokens" in guard["skip_reason"]
+        following = guard["next"]
+        assert not following["skipped"]
+        assert abs(following["loss"] - twin_first_step["loss"]) <= TOL
+        assert abs(following["grad_norm"] - twin_first_step["grad_norm"]) <= TOL
