@@ -54,6 +54,9 @@ class MicroBatch:
     def num_response_tokens(self) -> int:
         return int(self.loss_mask.sum())
 
+    def to(self, device: torch.device) -> "MicroBatch":
+        return MicroBatch(**{name: None if value is None else value.to(device) for name, value in vars(self).items()})
+
 
 def padded_length(length: int, pad_multiple: int) -> int:
     return -(-length // pad_multiple) * pad_multiple

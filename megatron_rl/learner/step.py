@@ -38,6 +38,7 @@ from megatron_rl.config import RunConfig
 from megatron_rl.learner.batching import MicroBatch, pad_to_shape
 from megatron_rl.parallel.context_parallel import sequence_ops, split_for_context_parallel
 from megatron_rl.parallel.vocab_parallel import vocab_parallel_log_probs
+from megatron_rl.platform import local_device
 
 
 @dataclass
@@ -93,7 +94,7 @@ class PolicyLearner:
             rows = max(mb.tokens.shape[0] for mb in micro_batches)
             width = max(mb.tokens.shape[1] for mb in micro_batches)
             micro_batches = [pad_to_shape(mb, rows, width) for mb in micro_batches]
-        local = [shard_for_context_parallel(mb) for mb in micro_batches]
+        local = [shard_for_context_parallel(mb).to(local_device()) for mb in micro_batches]
 
         def forward_step(data_iterator, model):
             index, mb = next(data_iterator)
@@ -174,7 +175,7 @@ def _grads_finite(model) -> bool:
 
 def _any_rank(flag: bool) -> bool:
     """True on every rank when flag is True on any rank."""
-    value = torch.tensor([float(flag)])
+    value = torch.tensor([float(flag)], device=local_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
