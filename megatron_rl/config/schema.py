@@ -77,8 +77,10 @@ def _check_lengths_and_batches(cfg: RunConfig, problems: ErrorCollector) -> None
     problems.require(max_new_tokens is None or max_new_tokens <= max_response_length,
                      "rollout.sampling.max_new_tokens",
                      f"must be <= data.max_response_length = {max_response_length}, got {max_new_tokens}")
-    problems.require(cfg.optimizer.lr_warmup_steps <= data.train_steps, "optimizer.lr_warmup_steps",
-                     f"must be <= data.train_steps = {data.train_steps}, got {cfg.optimizer.lr_warmup_steps}")
+    optimizer_steps = data.train_steps * data.num_mini_batches
+    problems.require(cfg.optimizer.lr_warmup_steps <= optimizer_steps, "optimizer.lr_warmup_steps",
+                     f"must be <= the run's optimizer steps, data.train_steps x data.num_mini_batches = "
+                     f"{optimizer_steps}, got {cfg.optimizer.lr_warmup_steps}")
     samples = data.rollout_batch_size * cfg.rollout.n_samples_per_prompt // data.num_mini_batches
     problems.require(samples % cfg.parallel.dp == 0, "data.rollout_batch_size",
                      f"rollout_batch_size * rollout.n_samples_per_prompt / num_mini_batches = {samples} "

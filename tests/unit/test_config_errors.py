@@ -146,8 +146,9 @@ MALFORMED = [
     case("new-tokens-vs-response", "{rollout: {sampling: {max_new_tokens: 2048}},"
                                    " data: {max_response_length: 1024}}",
          ("rollout.sampling.max_new_tokens", "must be <= data.max_response_length = 1024, got 2048")),
-    case("warmup-vs-steps", "{optimizer: {lr_warmup_steps: 200}, data: {train_steps: 100}}",
-         ("optimizer.lr_warmup_steps", "must be <= data.train_steps = 100, got 200")),
+    case("warmup-vs-steps", "{optimizer: {lr_warmup_steps: 401}, data: {train_steps: 100, num_mini_batches: 4}}",
+         ("optimizer.lr_warmup_steps", "must be <= the run's optimizer steps, data.train_steps x "
+                                       "data.num_mini_batches = 400, got 401")),
     case("batch-vs-dp", "{parallel: {world_size: 3}, data: {rollout_batch_size: 2, num_mini_batches: 1},"
                         " rollout: {n_samples_per_prompt: 4}}",
          ("data.rollout_batch_size", "rollout_batch_size * rollout.n_samples_per_prompt / num_mini_batches "
