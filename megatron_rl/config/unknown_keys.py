@@ -24,7 +24,7 @@ def split_unknown_keys(raw: Mapping, schema: type) -> tuple[dict, list[Error]]:
 
 
 def _known_part(raw: Mapping, schema: type, prefix: str, errors: list[Error]) -> dict:
-    fields = _fields(schema)
+    fields = schema_fields(schema)
     known = {}
     for name, value in raw.items():
         key = join_key(prefix, str(name))
@@ -37,8 +37,8 @@ def _known_part(raw: Mapping, schema: type, prefix: str, errors: list[Error]) ->
 
 def _clean(value: object, annotation: object, key: str, errors: list[Error]) -> object:
     """`value` with unknown keys removed wherever `annotation` says it holds sections."""
-    annotation = _without_none(annotation)
-    if _is_section(annotation) and isinstance(value, Mapping):
+    annotation = without_none(annotation)
+    if is_section(annotation) and isinstance(value, Mapping):
         return _known_part(value, annotation, key, errors)
     if typing.get_origin(annotation) is list and isinstance(value, list):
         (item,) = typing.get_args(annotation)
@@ -46,7 +46,7 @@ def _clean(value: object, annotation: object, key: str, errors: list[Error]) -> 
     return value
 
 
-def _fields(schema: type) -> dict[str, object]:
+def schema_fields(schema: type) -> dict[str, object]:
     """Key in the YAML -> type annotation, for a pydantic model or a dataclass."""
     if issubclass(schema, BaseModel):
         return {field.alias or name: field.annotation for name, field in schema.model_fields.items()}
@@ -54,7 +54,7 @@ def _fields(schema: type) -> dict[str, object]:
     return {field.name: hints[field.name] for field in dataclasses.fields(schema)}
 
 
-def _without_none(annotation: object) -> object:
+def without_none(annotation: object) -> object:
     """`X | None` -> X; any other annotation unchanged."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
@@ -63,7 +63,7 @@ def _without_none(annotation: object) -> object:
     return annotation
 
 
-def _is_section(annotation: object) -> bool:
+def is_section(annotation: object) -> bool:
     return isinstance(annotation, type) and (
         issubclass(annotation, BaseModel) or dataclasses.is_dataclass(annotation)
     )

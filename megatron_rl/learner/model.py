@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rl.config import ModelConfig, ParallelConfig
 from megatron_rl.learner.attention import ContextParallelAttention
+from megatron_rl.parallel.state import megatron_parallel_sizes
 from megatron_rl.platform import gpu_available
 
 
@@ -56,13 +57,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
         use_cpu_initialization=not gpu_available(),
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp,
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
         sequence_parallel=parallel.sequence_parallel,
+        **megatron_parallel_sizes(parallel),
         **_moe_fields(model),
     )
 

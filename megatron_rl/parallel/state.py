@@ -31,6 +31,18 @@ DEFAULT_MASTER_PORT = 29500
 PIPELINE_SEED_STRIDE = 100  # Megatron-LM's convention: stage p seeds with seed + 100 * p
 
 
+def megatron_parallel_sizes(parallel: ParallelConfig) -> dict[str, int | None]:
+    """The layout in Megatron-Core's names (initialize_model_parallel and TransformerConfig)."""
+    return {
+        "tensor_model_parallel_size": parallel.tp,
+        "pipeline_model_parallel_size": parallel.pp,
+        "virtual_pipeline_model_parallel_size": parallel.vpp,
+        "context_parallel_size": parallel.cp,
+        "expert_model_parallel_size": parallel.ep,
+        "expert_tensor_parallel_size": parallel.etp,
+    }
+
+
 @dataclass(frozen=True)
 class Launch:
     """This process's place in the job, as the launcher described it."""
@@ -155,14 +167,7 @@ def initialize_parallel(parallel: ParallelConfig, backend: str | None = None, se
                        else f"tcp://{launch.master_addr}:{launch.master_port}")
         dist.init_process_group(backend or distributed_backend(), init_method=init_method,
                                 rank=launch.rank, world_size=launch.world_size)
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp,
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
-    )
+    parallel_state.initialize_model_parallel(**megatron_parallel_sizes(parallel))
     stage_seed = seed + PIPELINE_SEED_STRIDE * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(stage_seed)
     np.random.seed(stage_seed)

@@ -13,10 +13,8 @@ A documented default is the cell's text between backticks read with yaml.safe_lo
 the code's value with the same YAML type (write `2.0` for a float, `[2.0, 3.0]` for a pair).
 """
 
-import dataclasses
 import functools
 import re
-import types
 import typing
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import yaml
 
 from megatron_rl.algorithms.hyperparams import DEFAULT_AGGREGATION, FIXED_AGGREGATION, LossName
 from megatron_rl.config import RunConfig, dump_config
+from megatron_rl.config.unknown_keys import is_section, schema_fields, without_none
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
@@ -88,28 +87,6 @@ def parse_default(cell: str) -> object:
 # --- the code -------------------------------------------------------------------------------
 
 
-def _fields(schema: type) -> dict[str, object]:
-    """Key in the YAML -> annotation, for a pydantic model (aliases) or a dataclass."""
-    if issubclass(schema, pydantic.BaseModel):
-        return {field.alias or name: field.annotation for name, field in schema.model_fields.items()}
-    hints = typing.get_type_hints(schema)
-    return {field.name: hints[field.name] for field in dataclasses.fields(schema)}
-
-
-def _without_none(annotation: object) -> object:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        if len(members) == 1:
-            return members[0]
-    return annotation
-
-
-def _is_section(annotation: object) -> bool:
-    return isinstance(annotation, type) and (
-        issubclass(annotation, pydantic.BaseModel) or dataclasses.is_dataclass(annotation)
-    )
-
-
 def _own_defaults(section: type) -> dict:
     """A section type's defaults as the YAML dump writes them (tuples as lists)."""
     dumped = pydantic.TypeAdapter(section).dump_python(section(), mode="json", by_alias=True)
@@ -118,18 +95,18 @@ def _own_defaults(section: type) -> dict:
 
 def schema_keys(values: dict, schema: type, prefix: str = "") -> dict[str, tuple[object, object]]:
     """dotted key -> (default, annotation) for every documented key under `schema`."""
-    fields = _fields(schema)
+    fields = schema_fields(schema)
     assert set(values) == set(fields), f"{prefix or 'the root'}: dump {sorted(values)} vs schema {sorted(fields)}"
     keys: dict[str, tuple[object, object]] = {}
     for name, annotation in fields.items():
-        key, value, inner = f"{prefix}{name}", values[name], _without_none(annotation)
-        if _is_section(inner) and value is not None:
+        key, value, inner = f"{prefix}{name}", values[name], without_none(annotation)
+        if is_section(inner) and value is not None:
             keys.update(schema_keys(value, inner, f"{key}."))
             continue
         keys[key] = (value, annotation)
-        if _is_section(inner):  # an optional sub-section, null by default
+        if is_section(inner):  # an optional sub-section, null by default
             keys.update(schema_keys(_own_defaults(inner), inner, f"{key}."))
-        elif typing.get_origin(inner) is list and _is_section(item := typing.get_args(inner)[0]):
+        elif typing.get_origin(inner) is list and is_section(item := typing.get_args(inner)[0]):
             keys.update(schema_keys(_own_defaults(item), item, f"{key}[]."))
     return keys
 
@@ -174,7 +151,7 @@ def test_documented_choices_are_the_code_choices():
     cells = type_cells(DOC.read_text())
     wrong = []
     for key, (_, annotation) in default_keys().items():
-        inner = _without_none(annotation)
+        inner = without_none(annotation)
         if typing.get_origin(inner) is not typing.Literal or key not in cells:
             continue
         documented = [yaml.safe_load(span) for span in _CODE_SPANS.findall(cells[key])]
