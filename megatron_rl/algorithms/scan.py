@@ -7,12 +7,21 @@ scan therefore yields x_t = B_{1..t} + A_{1..t} x_0 for every t in log2(T) vecto
 each block from x = 0, then the blocks' carries, then one correction pass, which touches the
 [B, T] data ~log2(block) + 1 times instead of ~log2(T). With a_t in [0, 1] the running
 products only shrink toward 0 (forgetting the distant past), so the scan is stable in float32.
+
+When every row shares a (KPO's gains) and no block's product of a falls below
+MIN_BLOCK_PRODUCT, a block is scanned in closed form instead: with P_t = a_1 ... a_t inside the
+block, x_t = P_t sum_{s<=t} b_s / P_s (one cumprod of the shared [T] a, one cumsum of [B, T]),
+which divides by at most 1 / MIN_BLOCK_PRODUCT and so loses at most a few bits. Across blocks
+the carries are always combined by doubling, so a product that vanishes over the whole sequence
+is harmless. (The release's one-level cumsum divides by products of the whole sequence, which
+underflow: ALGORITHMS.md 2.7.)
 """
 
 import torch
 import torch.nn.functional as F
 
 BLOCK = 256
+MIN_BLOCK_PRODUCT = 0.05
 
 
 def _doubling_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +37,15 @@ def _doubling_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
         x, x_next, prod, prod_next = x_next, x, prod_next, prod
         shift *= 2
     return prod, x
+
+
+def _scan_blocks(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scan each block (last axis) from x = 0: closed form for a shared, well-conditioned a."""
+    if a.dim() == 2:  # [blocks, block]: shared by every row
+        prod = torch.cumprod(a, dim=-1)
+        if prod[:, -1].min() >= MIN_BLOCK_PRODUCT:
+            return prod, torch.cumsum(b / prod, dim=-1).mul_(prod)
+    return _doubling_scan(a, b)
 
 
 def affine_scan(a: torch.Tensor, b: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +64,7 @@ def affine_scan(a: torch.Tensor, b: torch.Tensor, block: int = BLOCK) -> tuple[t
     pad = blocks * block - length  # identity steps (a = 1, b = 0) after the end change nothing
     a_blocks = F.pad(a, (0, pad), value=1.0).unflatten(-1, (blocks, block))
     b_blocks = F.pad(b, (0, pad)).unflatten(-1, (blocks, block))
-    prod_in, x_in = _doubling_scan(a_blocks, b_blocks)
+    prod_in, x_in = _scan_blocks(a_blocks, b_blocks)
     prod_carry, x_carry = _doubling_scan(prod_in[..., -1], x_in[..., -1])
     x_entering = F.pad(x_carry[..., :-1], (1, 0))
     prod_entering = F.pad(prod_carry[..., :-1], (1, 0), value=1.0)

@@ -173,3 +173,17 @@ def test_blocked_scan_equals_single_level_doubling(length, shared):
     prod_ref, x_ref = affine_scan(a, b, block=length)
     assert prod.shape == a.shape and x.shape == b.shape
     assert torch.allclose(x, x_ref, atol=1e-12) and torch.allclose(prod, prod_ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("a_low", [0.9999, 0.995, 0.5])  # closed-form blocks for the first two, doubling for 0.5
+def test_shared_multipliers_take_either_block_path_exactly(a_low):
+    gen = torch.Generator().manual_seed(5)
+    a = a_low + (1 - a_low) * torch.rand(3000, generator=gen, dtype=torch.float64)
+    b = torch.randn(4, 3000, generator=gen, dtype=torch.float64)
+    prod, x = affine_scan(a, b)
+    state, states = torch.zeros(4, dtype=torch.float64), []
+    for t in range(3000):
+        state = a[t] * state + b[:, t]
+        states.append(state)
+    assert torch.allclose(x, torch.stack(states, dim=1), atol=1e-10, rtol=0)
+    assert torch.allclose(prod, torch.cumprod(a, 0), rtol=1e-12, atol=0)
