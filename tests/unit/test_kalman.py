@@ -186,4 +186,4 @@ def test_shared_multipliers_take_either_block_path_exactly(a_low):
         state = a[t] * state + b[:, t]
         states.append(state)
     assert torch.allclose(x, torch.stack(states, dim=1), atol=1e-10, rtol=0)
-    assert torch.allclose(prod, torch.cumprod(a, 0), rtol=1e-12, atol=0)
+    assert torch.allclose(prod, torch.cumprod(a, 0), rtol=1e-12, atol=1e-300)  # both underflow toward 0
