@@ -169,8 +169,11 @@ def _counts(mb: MicroBatch) -> tuple[float, float]:
 
 
 def _grads_finite(model) -> bool:
-    return all(torch.isfinite(param.main_grad).all() for chunk in model for param in chunk.parameters()
-               if getattr(param, "main_grad", None) is not None)
+    """Whether every gradient of this rank is finite: one float64 sum per DDP gradient buffer
+    (a NaN or inf anywhere makes its sum non-finite) and a single host read."""
+    sums = [buffer.grad_data.sum(dtype=torch.float64) for chunk in model
+            for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+    return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
 
 
 def _any_rank(flag: bool) -> bool:

@@ -23,11 +23,11 @@ def test_bench_step_quick_prints_the_ratio_line():
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ratio RL / CE" in out.stdout, out.stdout
-    ratio = rf"{NUMBER} \(paired {NUMBER}, cpu {NUMBER}\)"
+    ratio = rf"{NUMBER} \(paired {NUMBER}, min {NUMBER}\)"
     assert re.search(rf"^  rl/kpo\s+/ ce/logprob\s+{ratio}\s+/ ce/mcore\s+{ratio}\s+(ok|ABOVE GOAL)$",
                      out.stdout, re.MULTILINE), out.stdout
     for variant in ("rl/kpo", "ce/logprob", "ce/mcore"):
-        assert re.search(rf"^{variant}\s+{NUMBER}", out.stdout, re.MULTILINE), out.stdout
+        assert re.search(rf"^{variant}\s+\d+\s+{NUMBER}", out.stdout, re.MULTILINE), out.stdout
     assert "breakdown, ms per step" in out.stdout, out.stdout
     assert re.search(rf"^\s+compute_policy_loss\s+{NUMBER}\s+{NUMBER}", out.stdout, re.MULTILINE), out.stdout
     assert "skipped" not in out.stdout, out.stdout
