@@ -91,11 +91,9 @@ def kalman_filter(
         raise ValueError(f"z and mask must both be [B, T], got {tuple(z.shape)} and {tuple(mask.shape)}")
     if not r > 0:
         raise ValueError(f"r must be > 0, got {r!r}")
-    z = z.detach()
-    valid = mask.bool()
+    valid, zero = mask.bool(), z.new_zeros(())
     t_local = z.shape[-1]
     table = kalman_gains(max(ops.response_length(t_local), 1), q / r, 0.0, released_gains)
     gains = table.to(device=z.device, dtype=z.dtype)[ops.positions(t_local, z.device).clamp(min=1) - 1]
-    observed = torch.where(valid, z, torch.zeros_like(z))
-    x_hat = ops.affine_scan(1.0 - gains, gains * observed)
-    return torch.where(valid, x_hat, torch.zeros_like(x_hat))
+    observed_gain = torch.where(valid, z.detach(), zero).mul_(gains)  # K_t z_t, 0 on padding
+    return torch.where(valid, ops.affine_scan(1.0 - gains, observed_gain), zero)

@@ -62,12 +62,13 @@ def affine_scan(a: torch.Tensor, b: torch.Tensor, block: int = BLOCK) -> tuple[t
         return _doubling_scan(a, b)
     blocks = -(-length // block)
     pad = blocks * block - length  # identity steps (a = 1, b = 0) after the end change nothing
-    a_blocks = F.pad(a, (0, pad), value=1.0).unflatten(-1, (blocks, block))
-    b_blocks = F.pad(b, (0, pad)).unflatten(-1, (blocks, block))
+    if pad:
+        a, b = F.pad(a, (0, pad), value=1.0), F.pad(b, (0, pad))
+    a_blocks, b_blocks = a.unflatten(-1, (blocks, block)), b.unflatten(-1, (blocks, block))
     prod_in, x_in = _scan_blocks(a_blocks, b_blocks)
     prod_carry, x_carry = _doubling_scan(prod_in[..., -1], x_in[..., -1])
     x_entering = F.pad(x_carry[..., :-1], (1, 0))
     prod_entering = F.pad(prod_carry[..., :-1], (1, 0), value=1.0)
-    x = torch.addcmul(x_in, prod_in, x_entering[..., None]).flatten(-2)[..., :length]
+    x = x_in.addcmul_(prod_in, x_entering[..., None]).flatten(-2)[..., :length]
     prod = (prod_in * prod_entering[..., None]).flatten(-2)[..., :length]
     return prod, x
