@@ -169,11 +169,14 @@ def _counts(mb: MicroBatch) -> tuple[float, float]:
 
 
 def _grads_finite(model) -> bool:
-    """Whether every gradient of this rank is finite: one float64 sum per DDP gradient buffer
-    (a NaN or inf anywhere makes its sum non-finite) and a single host read."""
-    sums = [buffer.grad_data.sum(dtype=torch.float64) for chunk in model
-            for buffer in chunk.buffers + chunk.expert_parallel_buffers]
-    return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
+    """Whether every gradient of this rank is finite. A NaN or inf anywhere makes its buffer's
+    sum non-finite, so one sum per DDP gradient buffer and a single host read decide the usual
+    case; only a non-finite sum (which finite values may also give, by overflow) is checked
+    element by element."""
+    buffers = [buffer.grad_data for chunk in model for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+    if not buffers or bool(torch.isfinite(torch.stack([grads.sum() for grads in buffers])).all()):
+        return True
+    return all(bool(torch.isfinite(grads).all()) for grads in buffers)
 
 
 def _any_rank(flag: bool) -> bool:
