@@ -34,7 +34,49 @@ def _add_validate(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_validate)
 
 
-SUBCOMMANDS = (_add_validate,)
+def _train(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    from megatron_rl.trainer import train_from_config
+
+    train_from_config(config)
+    return 0
+
+
+def _add_train(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "train", help="run RL training (on every learner rank: torchrun ... -m megatron_rl.cli train CONFIG)",
+        description="The RL loop of megatron_rl/trainer.py. Run it on every learner rank, e.g. "
+                    "`torchrun --nproc-per-node 2 -m megatron_rl.cli train CONFIG`; rank 0 starts the "
+                    "rollout engines of rollout.engines that have launch: true.")
+    parser.add_argument("config", help="the YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, values read as YAML")
+    parser.set_defaults(run=_train)
+
+
+def _toy_task(args: argparse.Namespace) -> int:
+    from megatron_rl.data.toy_task import write_toy_task
+
+    out = write_toy_task(args.out_dir, num_prompts=args.prompts, seed=args.seed)
+    print(f"wrote {out}/model (HF checkpoint + tokenizer) and {out}/train.jsonl ({args.prompts} prompts)")
+    return 0
+
+
+def _add_toy_task(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "toy-task", help="write the quickstart's task: a tiny random Qwen3 + tokenizer and its prompts",
+        description="Builds, offline and from a seed, a word-level tokenizer, a random 2-layer Qwen3 checkpoint "
+                    "and 'Repeat the number: 7' -> '7' prompts (megatron_rl/data/toy_task.py).")
+    parser.add_argument("out_dir")
+    parser.add_argument("--prompts", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=_toy_task)
+
+
+SUBCOMMANDS = (_add_validate, _add_train, _add_toy_task)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -154,6 +154,9 @@ class EngineSpec(Section):
     tp: PositiveInt = 1
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 30000
+    launch: bool = True  # the trainer starts (and restarts) this engine; false: attach to a running server
+    max_batch_size: PositiveInt = 64  # kind 'cpu': sequences generated together
+    threads: PositiveInt = 1  # kind 'cpu': torch threads of the server process
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -179,6 +182,14 @@ class SamplingConfig(Section):
         return self
 
 
+class WeightSyncConfig(Section):
+    """How new weights reach the engines after each learner step."""
+
+    bucket_mb: PositiveFloat = 256.0  # tensors are sent in buckets of about this many MiB
+    verify: Literal["checksum", "none"] = "checksum"  # re-read sampled tensors from every engine after a sync
+    verify_tensors: PositiveInt = 4  # how many tensors "checksum" samples per sync
+
+
 class RolloutConfig(Section):
     """The rollout fleet and how it samples.
 
@@ -191,6 +202,12 @@ class RolloutConfig(Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     max_staleness: NonNegativeInt = 0
     async_mode: bool = Field(default=False, alias="async")
+    token_env: str = "MEGATRON_RL_SERVE_TOKEN"  # environment variable with the engines' admin token
+    max_concurrency: PositiveInt = 64  # requests in flight per engine
+    request_timeout: PositiveFloat = 600.0  # seconds for one generate request
+    max_retries: NonNegativeInt = 3  # a failed request is retried on another engine this many times
+    startup_timeout: PositiveFloat = 300.0  # seconds for a launched engine to answer /health_generate
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -214,12 +231,19 @@ class DataConfig(Section):
     """
 
     train_path: str | None = None  # a JSONL or Parquet file of prompts; needed to train, not to validate
-    prompt_key: str = "prompt"
+    tokenizer_path: str | None = None  # a local tokenizer directory; null: model.hf_path
+    prompt_key: str = "prompt"  # a string, sent as one user message
+    messages_key: str = "messages"  # or a list of {role, content} messages
     answer_key: str = "answer"
+    system_prompt: str | None = None  # prepended as a system message to prompt-string rows
+    reward: str = "math"  # "math" (math-verify) or a function "package.module:function"
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, generate more to refill
+    dynamic_sampling_max_rounds: PositiveInt = 4  # generation rounds per step before training on fewer groups
     max_prompt_length: PositiveInt = 512
     max_response_length: PositiveInt = 1024
     rollout_batch_size: PositiveInt = 8
     num_mini_batches: PositiveInt = 1
+    max_tokens_per_micro_batch: PositiveInt = 8192  # rows x padded length of one learner micro-batch
     train_steps: PositiveInt = 100
     seed: NonNegativeInt = 42
 
@@ -245,6 +269,7 @@ class CheckpointConfig(Section):
 class TrackingConfig(Section):
     """Where metrics go: wandb (online, offline or disabled) and an optional JSONL file."""
 
+    dir: str = "runs"  # each run writes to dir/run_name (metrics, wandb files, server logs)
     wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
     wandb_project: str = "megatron-rl"
     run_name: str | None = None  # null: a name made from the start time
