@@ -76,7 +76,33 @@ def _add_toy_task(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_toy_task)
 
 
-SUBCOMMANDS = (_add_validate, _add_train, _add_toy_task)
+def _serve(args: argparse.Namespace) -> int:
+    from megatron_rl.rollout.cpu_server import serve
+
+    return serve(args.model_path, host=args.host, port=args.port, token=args.token, no_token=args.no_token,
+                 dtype=args.dtype, max_batch_size=args.max_batch_size, threads=args.threads)
+
+
+def _add_serve(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "serve", help="a CPU rollout server speaking SGLang's HTTP API (HF transformers; real weight updates)",
+        description="Serves /generate, the weight updates and the admin endpoints of SGLang's native API over a "
+                    "Hugging Face checkpoint (megatron_rl/rollout/cpu_server.py). Needs a token "
+                    "($MEGATRON_RL_SERVE_TOKEN, or --token, which `ps` shows) unless --no-token (loopback only).")
+    parser.add_argument("--model-path", required=True, help="a local HF checkpoint directory (*.safetensors)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--token", default=None, help="the bearer token (default: $MEGATRON_RL_SERVE_TOKEN)")
+    parser.add_argument("--no-token", action="store_true",
+                        help="serve without a token: every endpoint, weight updates included, is open to anyone "
+                             "who can connect (accepted on a loopback --host only)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="requests per batch")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.set_defaults(run=_serve)
+
+
+SUBCOMMANDS = (_add_validate, _add_train, _add_toy_task, _add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

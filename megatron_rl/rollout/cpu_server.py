@@ -1,0 +1,807 @@
+"""`megatron-rl serve`: a CPU rollout server that speaks SGLang's native HTTP API (rollout/protocol.py),
+backed by HFGenerator (real generation, real logprobs, real weight loading).
+
+    megatron-rl serve --model-path DIR [--host 127.0.0.1] [--port 30000] [--dtype float32|bfloat16]
+                      [--max-batch-size 64] [--threads N]          token: env MEGATRON_RL_SERVE_TOKEN or --token
+
+Scheduling: each /generate request is queued; one scheduler thread takes what is queued (up to
+--max-batch-size requests), runs it as one batch and answers each request. Between two decode steps
+the batch polls the scheduler, which can abort it or hold it:
+  /pause_generation {mode: abort}      aborts queued and running requests (finish_reason abort, 200);
+  {mode: in_place | retract}           holds the running batch where it is (no KV cache to free:
+                                       retract behaves as in_place); in every mode new requests wait
+                                       until /continue_generation.
+  /abort_request {rid | abort_all}     a queued request ends at once; a running one stops its batch at
+                                       the next step, and the batch's other requests start over (with a
+                                       sampling_seed, the same tokens again).
+Weights change only while no batch computes: /begin_weight_update waits for the running batch to
+finish (or be held) and starts none until /end_weight_update. /update_weights_from_distributed and
+/update_weights_from_tensor must run inside that session (SGLang 0.5.23's rule, 400 otherwise);
+/update_weights_from_disk may run outside one, as in SGLang (it is one call: it waits for the running
+batch, loads, and generation goes on). Every update receives or reads all tensors first and copies them
+only when all are valid (HFGenerator.load_weights), cast to the model's dtype, then sets weight_version.
+Each generation reports the weight_version its last token came from, and weight_versions
+[{version, start, end}] over its output tokens (several only when an update happened while it was held).
+
+Security: binds 127.0.0.1 unless --host says otherwise. A token is required to start (else the
+server refuses, exit code 2); `--no-token` serves without one and is accepted on a loopback address
+only. With a token, `Authorization: Bearer <token>` is required by every admin endpoint (weights,
+pause, abort, flush), and by /generate, /get_weight_version and /get_model_info too when bound to a
+non-loopback address; /health and /health_generate are open, as in SGLang. 401: no token, 403: a wrong
+one. /update_weights_from_tensor takes a base64 safetensors file, never SGLang's pickle.
+"""
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import safe_open
+
+from megatron_rl.rollout.hf_engine import Completion, HFGenerator, SamplingParams, eos_token_ids, load_hf_model
+from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
+
+TOKEN_ENV = "MEGATRON_RL_SERVE_TOKEN"
+EXIT_USAGE = 2
+PAUSE_MODES = ("abort", "retract", "in_place")
+HOLD_MODES = ("in_place", "retract")
+DEFAULT_GROUP = "weight_update_group"
+GROUP_TIMEOUT = timedelta(minutes=10)  # rendezvous and each receive of a weight-update group
+HEALTH_TIMEOUT = 20.0  # seconds /health_generate waits for its one-token generation (SGLang's default)
+MAX_BODY = {"open": 1 << 20, "reader": 64 << 20, "admin": 64 << 30}  # bytes of a request body, by access
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+log = logging.getLogger("megatron_rl.serve")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# --- scheduling ------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Request:
+    prompt: list[int]
+    params: SamplingParams
+    rid: str
+    completion: Completion | None = None
+    error: str | None = None
+    spans: list[tuple[str, int]] = field(default_factory=list)  # (weight version, first output token from it)
+
+    @property
+    def done(self) -> bool:
+        return self.completion is not None or self.error is not None
+
+
+def _aborted(message: str) -> Completion:
+    return Completion([], [], {"type": "abort", "message": message})
+
+
+class Scheduler:
+    """Runs queued requests through the generator, one batch at a time, in its own thread.
+
+    State, guarded by one condition variable: the queue; `computing` (a batch is inside generate and
+    not held, so the model is in use); `pause_mode`; `session` (begin..end_weight_update); `weight_users`
+    (updates or reads of the weights waiting or running). A batch starts only when none of pause,
+    session, weight users holds it back; a held batch resumes only when none does.
+    """
+
+    def __init__(self, generator: HFGenerator, initial_version: str = "default"):
+        self.generator = generator
+        self.weight_version = initial_version
+        self.pause_mode: str | None = None
+        self.session = False
+        self._cond = threading.Condition()
+        self.weights_lock = threading.Lock()  # held to change the weights, or to read them
+        self._queue: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._computing = False
+        self._weight_users = 0
+        self._abort_running: str | None = None  # why the whole running batch is being aborted
+        self._aborted_rids: set[str] = set()  # running requests to abort (the batch's others start over)
+        self._spans: list[tuple[str, int]] = []
+        self._polls = 0
+        self._stopping = False
+        self.last_step = 0.0  # time.monotonic() of the last batch poll
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # called from HTTP handler threads
+
+    def submit(self, requests: list[_Request]) -> None:
+        with self._cond:
+            if self._stopping:
+                for request in requests:
+                    request.completion = _aborted("the server is shutting down")
+                return
+            self._queue.extend(requests)
+            self._cond.notify_all()
+
+    def wait(self, requests: list[_Request], timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: all(r.done for r in requests), timeout)
+
+    def withdraw(self, request: _Request) -> None:
+        """Drop a request that is still queued (a health probe that was answered otherwise)."""
+        with self._cond:
+            if request in self._queue:
+                self._queue.remove(request)
+
+    def pause(self, mode: str) -> None:
+        """Returns once no batch computes (aborted or held)."""
+        with self._cond:
+            self.pause_mode = mode
+            if mode == "abort":
+                self._abort_all("aborted by pause_generation")
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._computing)
+
+    def resume(self) -> None:
+        with self._cond:
+            self.pause_mode = None
+            self._cond.notify_all()
+
+    def abort(self, rid: str | None, abort_all: bool) -> None:
+        with self._cond:
+            if abort_all:
+                self._abort_all("aborted by abort_request")
+            else:
+                for request in [r for r in self._queue if r.rid == rid]:
+                    self._queue.remove(request)
+                    request.completion = _aborted("aborted by abort_request")
+                if any(r.rid == rid for r in self._running):
+                    self._aborted_rids.add(rid)
+            self._cond.notify_all()
+
+    def begin_session(self) -> bool:
+        """Open the weight-update session once no batch computes; False if one is open already."""
+        with self._cond:
+            if self.session:
+                return False
+            self.session = True
+            self._cond.wait_for(lambda: not self._computing)
+            return True
+
+    def end_session(self) -> bool:
+        with self._cond:
+            if not self.session:
+                return False
+            self.session = False
+            self._cond.notify_all()
+            return True
+
+    @contextmanager
+    def writing_weights(self):
+        """Exclusive use of the model's weights: no batch computes inside (a running one finishes first)."""
+        with self.weights_lock:
+            with self._cond:
+                self._weight_users += 1
+                self._cond.wait_for(lambda: not self._computing)
+            try:
+                yield
+            finally:
+                with self._cond:
+                    self._weight_users -= 1
+                    self._cond.notify_all()
+
+    def set_version(self, version: str) -> None:
+        with self._cond:
+            self.weight_version = version
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._abort_all("the server is shutting down")
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    # the scheduler thread
+
+    def _abort_all(self, message: str) -> None:
+        while self._queue:
+            self._queue.popleft().completion = _aborted(message)
+        if self._running:
+            self._abort_running = message
+
+    def _held_back(self) -> bool:
+        return self.pause_mode is not None or self.session or self._weight_users > 0
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or (self._queue and not self._held_back()))
+                if self._stopping:
+                    return
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.generator.max_batch_size))]
+                self._running, self._computing, self._polls = batch, True, 0
+                self._spans = [(self.weight_version, 0)]
+            start = time.perf_counter()
+            try:
+                completions = self.generator.generate([r.prompt for r in batch], [r.params for r in batch], self._poll)
+                error = None
+            except Exception as exc:  # noqa: BLE001 - answered to the batch's requests; the server goes on
+                log.exception("batch of %d requests failed", len(batch))
+                completions, error = [None] * len(batch), f"generation failed: {type(exc).__name__}: {exc}"
+            self._finish(batch, completions, error, time.perf_counter() - start)
+
+    def _poll(self) -> bool:
+        """Called by HFGenerator before the prefill and between decode steps (poll n: n tokens out so far)."""
+        with self._cond:
+            self.last_step = time.monotonic()
+            produced, self._polls = self._polls, self._polls + 1
+            if self.pause_mode in HOLD_MODES and not self._must_abort():
+                self._computing = False
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: not self._held_back() or self._must_abort())
+                self._computing = True
+            if self.weight_version != self._spans[-1][0]:
+                self._spans.append((self.weight_version, produced))
+            return self._must_abort()
+
+    def _must_abort(self) -> bool:
+        return (self._stopping or self._abort_running is not None
+                or any(r.rid in self._aborted_rids for r in self._running))
+
+    def _finish(self, batch: list[_Request], completions: list, error: str | None, seconds: float) -> None:
+        with self._cond:
+            restart = []
+            for request, completion in zip(batch, completions, strict=True):
+                if error is not None:
+                    request.error = error
+                elif (completion.finish_reason["type"] == "abort" and self._abort_running is None
+                      and not self._stopping and request.rid not in self._aborted_rids):
+                    restart.append(request)  # stopped because another request of its batch was aborted
+                else:
+                    request.spans, request.completion = list(self._spans), completion
+            self._queue.extendleft(reversed(restart))
+            self._running, self._computing = [], False
+            self._abort_running, self._aborted_rids = None, set()
+            self._cond.notify_all()
+        if error is None:
+            log.info("batch: %d requests, %d prompt + %d output tokens, %.3f s, weight_version %s%s", len(batch),
+                     sum(len(r.prompt) for r in batch), sum(len(c.output_ids) for c in completions), seconds,
+                     self._spans[-1][0], f", {len(restart)} restarted" if restart else "")
+
+
+# --- request validation --------------------------------------------------------------------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (_is_int, "an integer"),
+    "port": (lambda v: _is_int(v) and 0 < v < 65536, "a port number (1-65535)"),
+    "version": (lambda v: v is None or isinstance(v, str | int) and not isinstance(v, bool) and str(v) != "",
+                "a non-empty string or null"),
+    "null": (lambda v: v is None, "null (the only value this server supports)"),
+    "false": (lambda v: v is False, "false (the only value this server supports)"),
+    "any": (lambda v: True, ""),
+}
+
+
+def _fields(body: dict, required: dict[str, str], optional: dict[str, tuple[str, object]]) -> dict:
+    """The body's fields, checked: `required` name -> kind, `optional` name -> (kind, default); 400 naming the
+    first unknown, missing or ill-typed field."""
+    unknown = sorted(set(body) - set(required) - set(optional))
+    if unknown:
+        raise HTTPError(400, f"unknown field(s) {', '.join(map(repr, unknown))}; accepted: "
+                             f"{', '.join([*required, *optional]) or 'none'}")
+    values = {}
+    for name, kind in required.items():
+        if name not in body:
+            raise HTTPError(400, f"{name}: missing (required, {_KINDS[kind][1]})")
+        values[name] = body[name]
+    for name, (_, default) in optional.items():
+        values[name] = body.get(name, default)
+    for name, value in values.items():
+        kind = required.get(name) or optional[name][0]
+        if name in body and not _KINDS[kind][0](value):
+            raise HTTPError(400, f"{name}: expected {_KINDS[kind][1]}, got {value!r:.100}")
+    return values
+
+
+def _int_list(value, name: str, minimum: int = 0) -> list[int]:
+    if not isinstance(value, list) or not all(_is_int(v) and v >= minimum for v in value):
+        raise HTTPError(400, f"{name}: expected a list of integers >= {minimum}, got {value!r:.100}")
+    return value
+
+
+def _str_list(value, name: str, length: int | None = None) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise HTTPError(400, f"{name}: expected a list of non-empty strings, got {value!r:.100}")
+    if length is not None and len(value) != length:
+        raise HTTPError(400, f"{name}: expected {length} entries (one per entry of names), got {len(value)}")
+    return value
+
+
+# --- the endpoints -------------------------------------------------------------------------------------
+
+class Server:
+    """The endpoints (method name = path) over one HFGenerator and its Scheduler."""
+
+    def __init__(self, generator: HFGenerator, model_path: str, token: str | None, loopback: bool):
+        self.generator, self.model_path, self.token, self.loopback = generator, model_path, token, loopback
+        self.scheduler = Scheduler(generator)
+        self.groups: dict[str, dist.ProcessGroup] = {}
+        self._groups_lock = threading.Lock()
+
+    # generation
+
+    def generate(self, body: dict) -> dict | list:
+        if "text" in body:
+            raise HTTPError(400, "text: not supported (this server takes token ids): send input_ids")
+        fields = _fields(body, {"input_ids": "any"}, {"sampling_params": ("any", None), "return_logprob": (
+            "bool", False), "rid": ("any", None), "stream": ("false", False)})
+        requests, single = self._requests(fields["input_ids"], fields["sampling_params"], fields["rid"])
+        start = time.perf_counter()
+        self.scheduler.submit(requests)
+        self.scheduler.wait(requests)
+        answers = [self._answer(r, fields["return_logprob"], time.perf_counter() - start) for r in requests]
+        return answers[0] if single else answers
+
+    def _requests(self, input_ids, sampling_params, rid) -> tuple[list[_Request], bool]:
+        single = isinstance(input_ids, list) and bool(input_ids) and not isinstance(input_ids[0], list)
+        prompts = [input_ids] if single else input_ids
+        if not isinstance(prompts, list) or not prompts:
+            raise HTTPError(400, f"input_ids: expected a list of token ids or a non-empty list of them, "
+                                 f"got {input_ids!r:.100}")
+        names = ["input_ids"] if single else [f"input_ids[{i}]" for i in range(len(prompts))]
+        if isinstance(sampling_params, list):
+            if single or len(sampling_params) != len(prompts):
+                raise HTTPError(400, f"sampling_params: a list needs one entry per prompt ({len(prompts)}), "
+                                     f"got {len(sampling_params)}")
+            params = [self._params(p, f"sampling_params[{i}]") for i, p in enumerate(sampling_params)]
+        else:
+            shared = self._params({} if sampling_params is None else sampling_params, "sampling_params")
+            params = [shared] * len(prompts)
+        for name, prompt, sampling in zip(names, prompts, params, strict=True):
+            self._check_prompt(name, prompt, sampling)
+        if rid is None:
+            rids = [uuid.uuid4().hex for _ in prompts]
+        elif single and isinstance(rid, str) and rid:
+            rids = [rid]
+        elif not single and isinstance(rid, list) and len(rid) == len(prompts) and all(
+                isinstance(r, str) and r for r in rid):
+            rids = rid
+        else:
+            raise HTTPError(400, f"rid: expected {'a non-empty string' if single else f'a list of {len(prompts)} '
+                                 'non-empty strings (one per prompt)'} or null, got {rid!r:.100}")
+        return [_Request(p, s, r) for p, s, r in zip(prompts, params, rids, strict=True)], single
+
+    @staticmethod
+    def _params(value, name: str) -> SamplingParams:
+        try:
+            return SamplingParams.from_dict(value)
+        except (ValueError, TypeError) as exc:
+            raise HTTPError(400, str(exc).replace("sampling_params", name, 1)) from exc
+
+    def _check_prompt(self, name: str, prompt, params: SamplingParams) -> None:
+        vocab, context = self.generator.vocab_size, self.generator.context_length
+        if not isinstance(prompt, list) or not prompt:
+            raise HTTPError(400, f"{name}: expected a non-empty list of token ids, got {prompt!r:.100}")
+        bad = next((t for t in prompt if not (_is_int(t) and 0 <= t < vocab)), None)
+        if bad is not None:
+            raise HTTPError(400, f"{name}: token id {bad!r} is not an integer in [0, {vocab})")
+        if context is not None and len(prompt) + params.max_new_tokens > context:
+            raise HTTPError(400, f"{name}: {len(prompt)} prompt tokens + max_new_tokens {params.max_new_tokens} "
+                                 f"exceed the model's context length {context}")
+
+    def _answer(self, request: _Request, return_logprob: bool, seconds: float) -> dict:
+        if request.error is not None:
+            raise HTTPError(500, request.error)
+        completion = request.completion
+        n = len(completion.output_ids)
+        spans = request.spans or [(self.scheduler.weight_version, 0)]
+        ends = [start for _, start in spans[1:]] + [n]
+        versions = [{"version": v, "start": s, "end": min(e, n)}
+                    for (v, s), e in zip(spans, ends, strict=True) if s < n]
+        meta = {"id": request.rid, "finish_reason": completion.finish_reason, "prompt_tokens": len(request.prompt),
+                "completion_tokens": n, "cached_tokens": 0,
+                "weight_version": versions[-1]["version"] if versions else spans[0][0],
+                "weight_versions": versions, "e2e_latency": seconds}
+        if return_logprob:
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in
+                                             zip(completion.output_logprobs, completion.output_ids, strict=True)]
+        return {"output_ids": completion.output_ids, "meta_info": meta}
+
+    # health and scheduling
+
+    def health(self, body: dict) -> None:
+        return None
+
+    def health_generate(self, body: dict) -> None:
+        """200 once a one-token generation ran, or the running batch made a step; 503 while generation is paused."""
+        if self.scheduler.pause_mode is not None or self.scheduler.session:
+            raise HTTPError(503, "generation is paused (pause_generation or a weight update session)")
+        probe = _Request([0], SamplingParams(temperature=0.0, max_new_tokens=1), f"HEALTH_CHECK_{uuid.uuid4().hex}")
+        since = time.monotonic()
+        self.scheduler.submit([probe])
+        answered = False
+        while not answered and time.monotonic() < since + HEALTH_TIMEOUT:  # polled: steps do not notify
+            answered = self.scheduler.wait([probe], 0.05) or self.scheduler.last_step > since
+        self.scheduler.withdraw(probe)
+        if not answered or probe.error is not None:
+            raise HTTPError(503, probe.error or f"no generation step within {HEALTH_TIMEOUT:.0f} s")
+        return None
+
+    def flush_cache(self, body: dict) -> str:
+        _fields(body, {}, {})
+        return "Cache flushed.\nThis server keeps no prefix cache: nothing to flush.\n"
+
+    def pause_generation(self, body: dict) -> dict:
+        mode = _fields(body, {}, {"mode": ("str", "abort")})["mode"]
+        if mode not in PAUSE_MODES:
+            raise HTTPError(400, f"mode: expected one of {', '.join(PAUSE_MODES)}, got {mode!r}")
+        self.scheduler.pause(mode)
+        return {"message": "Generation paused successfully.", "status": "ok"}
+
+    def continue_generation(self, body: dict) -> dict:
+        _fields(body, {}, {"torch_empty_cache": ("bool", True)})
+        self.scheduler.resume()
+        return {"message": "Generation continued successfully.", "status": "ok"}
+
+    def abort_request(self, body: dict) -> None:
+        fields = _fields(body, {}, {"rid": ("any", ""), "abort_all": ("bool", False)})
+        rid = fields["rid"]
+        if not isinstance(rid, str | None) or (not rid and not fields["abort_all"]):
+            raise HTTPError(400, f"rid: expected a non-empty string (or abort_all: true), got {rid!r:.100}")
+        self.scheduler.abort(rid, fields["abort_all"])
+
+    # weights
+
+    def get_weight_version(self, body: dict) -> dict:
+        return {"weight_version": self.scheduler.weight_version}
+
+    def get_model_info(self, body: dict) -> dict:
+        return {"model_path": self.model_path, "tokenizer_path": self.model_path, "is_generation": True,
+                "weight_version": self.scheduler.weight_version}
+
+    def get_weights_by_name(self, body: dict) -> list[float]:
+        fields = _fields(body, {"name": "str"}, {"truncate_size": ("int", 100)})
+        with self.scheduler.weights_lock:
+            try:
+                return self.generator.weights_by_name(fields["name"], fields["truncate_size"])
+            except (KeyError, ValueError) as exc:
+                field_name = "name" if isinstance(exc, KeyError) else "truncate_size"
+                raise HTTPError(400, f"{field_name}: {exc.args[0]}") from exc
+
+    def begin_weight_update(self, body: dict) -> dict:
+        _fields(body, {}, {"selector": ("any", None)})
+        if not self.scheduler.begin_session():
+            raise HTTPError(400, "a weight update session is open already: call /end_weight_update first")
+        return {"success": True, "message": "Weight update session begun: no batch runs until end_weight_update."}
+
+    def end_weight_update(self, body: dict) -> dict:
+        _fields(body, {}, {})
+        if not self.scheduler.end_session():
+            raise HTTPError(400, "no weight update session is open (call /begin_weight_update first)")
+        return {"success": True, "message": "Weight update session ended."}
+
+    def init_weights_update_group(self, body: dict) -> dict:
+        f = _fields(body, {"master_address": "str", "master_port": "port", "rank_offset": "int", "world_size": "int"},
+                    {"group_name": ("str", DEFAULT_GROUP), "backend": ("str", "nccl")})
+        if f["backend"] != "gloo":
+            raise HTTPError(400, f"backend: this CPU server supports 'gloo' only, got {f['backend']!r} "
+                                 "(SGLang's default is nccl: pass backend 'gloo')")
+        if not 1 <= f["rank_offset"] < f["world_size"]:
+            raise HTTPError(400, f"rank_offset: expected an integer in [1, world_size={f['world_size']}) "
+                                 f"(rank 0 is the sender), got {f['rank_offset']}")
+        with self._groups_lock:
+            if f["group_name"] in self.groups:
+                raise HTTPError(400, f"group_name: a group {f['group_name']!r} exists already "
+                                     "(destroy_weights_update_group first)")
+            try:
+                self.groups[f["group_name"]] = init_custom_process_group(
+                    "gloo", f"tcp://{f['master_address']}:{f['master_port']}", f["world_size"], f["rank_offset"],
+                    f["group_name"], timeout=GROUP_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - rendezvous failures come as several types
+                raise HTTPError(400, f"Failed to initialize custom process group: {type(exc).__name__}: {exc}") from exc
+        log.info("joined weight-update group %r as rank %d of %d", f["group_name"], f["rank_offset"], f["world_size"])
+        return {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    def destroy_weights_update_group(self, body: dict) -> dict:
+        name = _fields(body, {}, {"group_name": ("str", DEFAULT_GROUP)})["group_name"]
+        with self._groups_lock:
+            group = self.groups.pop(name, None)
+            if group is None:
+                raise HTTPError(400, f"group_name: no group {name!r} (known: {', '.join(self.groups) or 'none'})")
+            destroy_custom_process_group(group)
+        return {"success": True, "message": "Succeeded to destroy custom process group."}
+
+    def update_weights_from_distributed(self, body: dict) -> dict:
+        f = _fields(body, {"names": "any", "dtypes": "any", "shapes": "any"}, {
+            "group_name": ("str", DEFAULT_GROUP), "weight_version": ("version", None), "flush_cache": ("bool", True),
+            "abort_all_requests": ("bool", False), "load_format": ("null", None)})
+        self._require_session("update_weights_from_distributed")
+        names = _str_list(f["names"], "names")
+        dtypes = [self._dtype(d, f"dtypes[{i}]") for i, d in enumerate(_str_list(f["dtypes"], "dtypes", len(names)))]
+        if not isinstance(f["shapes"], list) or len(f["shapes"]) != len(names):
+            raise HTTPError(400, f"shapes: expected {len(names)} shapes (one per entry of names), "
+                                 f"got {f['shapes']!r:.100}")
+        shapes = [_int_list(s, f"shapes[{i}]") for i, s in enumerate(f["shapes"])]
+        tensors = []
+        with self._groups_lock:  # one receiver at a time: the broadcasts arrive in order
+            group = self.groups.get(f["group_name"])
+            if group is None:
+                raise HTTPError(400, f"group_name: no group {f['group_name']!r} (call /init_weights_update_group "
+                                     "first)")
+            for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+                tensor = torch.empty(shape, dtype=dtype)
+                try:
+                    dist.broadcast(tensor, src=0, group=group)
+                except Exception as exc:  # noqa: BLE001 - a peer that left or timed out
+                    raise HTTPError(400, f"receiving {name!r} from rank 0 of group {f['group_name']!r} "
+                                         f"failed: {exc}") from exc
+                tensors.append((name, tensor))
+        self._load(tensors, f["weight_version"], f["abort_all_requests"], "update_weights_from_distributed")
+        return {"success": True, "message": "Succeeded to update parameter online."}
+
+    def update_weights_from_tensor(self, body: dict) -> dict:
+        if "serialized_named_tensors" in body:
+            raise HTTPError(400, "serialized_named_tensors: not accepted (SGLang's payload is a pickle, which can run "
+                                 "code when loaded); send safetensors: the base64 of a safetensors file")
+        f = _fields(body, {"safetensors": "str"}, {
+            "weight_version": ("version", None), "flush_cache": ("bool", True), "abort_all_requests": ("bool", False),
+            "load_format": ("null", None)})
+        self._require_session("update_weights_from_tensor")
+        try:
+            tensors = list(load_safetensors(base64.b64decode(f["safetensors"], validate=True)).items())
+        except (binascii.Error, ValueError) as exc:
+            raise HTTPError(400, f"safetensors: not base64: {exc}") from exc
+        except SafetensorError as exc:
+            raise HTTPError(400, f"safetensors: not a safetensors file: {exc}") from exc
+        self._load(tensors, f["weight_version"], f["abort_all_requests"], "update_weights_from_tensor")
+        return {"success": True, "message": "Succeeded to update model weights."}
+
+    def update_weights_from_disk(self, body: dict) -> dict:
+        f = _fields(body, {"model_path": "str"}, {
+            "weight_version": ("version", None), "flush_cache": ("bool", True), "abort_all_requests": ("bool", False),
+            "load_format": ("null", None)})
+        files = sorted(Path(f["model_path"]).glob("*.safetensors"))
+        if not files:
+            raise HTTPError(400, f"model_path: {f['model_path']!r} holds no *.safetensors files "
+                                 "(a Hugging Face checkpoint directory on this machine is expected)")
+        try:
+            tensors = []
+            for file in files:
+                with safe_open(file, framework="pt") as reader:
+                    tensors += [(name, reader.get_tensor(name)) for name in reader.keys()]
+        except (OSError, SafetensorError) as exc:
+            raise HTTPError(400, f"model_path: reading {file} failed: {exc}") from exc
+        self._load(tensors, f["weight_version"], f["abort_all_requests"], "update_weights_from_disk")
+        self.model_path = f["model_path"]
+        return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+
+    def _require_session(self, endpoint: str) -> None:
+        if not self.scheduler.session:
+            raise HTTPError(400, f"{endpoint} must run between begin_weight_update and end_weight_update "
+                                 "(POST /begin_weight_update first)")
+
+    @staticmethod
+    def _dtype(name: str, field_name: str) -> torch.dtype:
+        if name not in DTYPES:
+            raise HTTPError(400, f"{field_name}: expected one of {', '.join(DTYPES)}, got {name!r}")
+        return DTYPES[name]
+
+    def _load(self, tensors: list[tuple[str, torch.Tensor]], version, abort_all: bool, endpoint: str) -> None:
+        """Cast to the parameters' dtype, copy all or nothing, then set the weight version."""
+        params = self.generator.params_by_name
+        cast = [(n, t.to(params[n].dtype) if n in params else t) for n, t in tensors]
+        if abort_all:
+            self.scheduler.abort(None, abort_all=True)
+        start = time.perf_counter()
+        with self.scheduler.writing_weights():
+            try:
+                count = self.generator.load_weights(cast)
+            except (KeyError, ValueError) as exc:
+                raise HTTPError(400, f"{endpoint}: {exc.args[0]} (no weight was changed)") from exc
+            if version is not None:
+                self.scheduler.set_version(str(version))
+        log.info("%s: %d tensors loaded in %.3f s, weight_version %s", endpoint, count, time.perf_counter() - start,
+                 self.scheduler.weight_version)
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        with self._groups_lock:
+            for group in self.groups.values():
+                destroy_custom_process_group(group)
+            self.groups.clear()
+
+
+# --- HTTP --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Route:
+    methods: tuple[str, ...]
+    access: str  # "open": anyone; "reader": the token on a non-loopback bind; "admin": the token
+
+
+_ROUTES = {
+    "/health": _Route(("GET",), "open"),
+    "/health_generate": _Route(("GET",), "open"),
+    "/generate": _Route(("POST", "PUT"), "reader"),
+    "/get_weight_version": _Route(("GET",), "reader"),
+    "/get_model_info": _Route(("GET",), "reader"),
+    "/flush_cache": _Route(("GET", "POST"), "admin"),
+    "/pause_generation": _Route(("POST",), "admin"),
+    "/continue_generation": _Route(("POST",), "admin"),
+    "/abort_request": _Route(("POST",), "admin"),
+    "/get_weights_by_name": _Route(("GET", "POST"), "admin"),
+    "/begin_weight_update": _Route(("POST",), "admin"),
+    "/end_weight_update": _Route(("POST",), "admin"),
+    "/init_weights_update_group": _Route(("POST",), "admin"),
+    "/destroy_weights_update_group": _Route(("POST",), "admin"),
+    "/update_weights_from_distributed": _Route(("POST",), "admin"),
+    "/update_weights_from_tensor": _Route(("POST",), "admin"),
+    "/update_weights_from_disk": _Route(("POST",), "admin"),
+}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "megatron-rl-serve"
+    app: Server  # set on the subclass made by make_http_server
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            route = _ROUTES.get(path)
+            if route is None:
+                raise HTTPError(404, f"no endpoint {path}")
+            if method not in route.methods:
+                raise HTTPError(405, f"{path} takes {' or '.join(route.methods)}, not {method}")
+            self._authorize(route.access)
+            result = getattr(self.app, path.lstrip("/"))(self._json_body(route.access))
+            self._send(200, result)
+        except HTTPError as exc:
+            self._send(exc.status, {"success": False, "message": exc.message})
+        except Exception as exc:  # noqa: BLE001 - a bug answers 500 and the server goes on
+            log.exception("%s %s failed", method, path)
+            self._send(500, {"success": False, "message": f"internal error: {type(exc).__name__}: {exc}"})
+
+    def _authorize(self, access: str) -> None:
+        token = self.app.token
+        if token is None or access == "open" or (access == "reader" and self.app.loopback):
+            return
+        header = self.headers.get("Authorization", "")
+        if not header:
+            raise HTTPError(401, "Unauthorized: this endpoint needs the header 'Authorization: Bearer <token>'")
+        if not hmac.compare_digest(header.encode(), f"Bearer {token}".encode()):
+            raise HTTPError(403, "Forbidden: wrong token")
+
+    def _json_body(self, access: str) -> dict:
+        length = self.headers.get("Content-Length", "0").strip()
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            raise HTTPError(411, "chunked request bodies are not supported: send Content-Length")
+        if not length.isdigit():
+            raise HTTPError(400, f"Content-Length: expected a number of bytes, got {length!r}")
+        if int(length) > MAX_BODY[access]:
+            raise HTTPError(413, f"request body of {length} bytes; at most {MAX_BODY[access]} accepted here")
+        if int(length) == 0:
+            return {}
+        raw = self.rfile.read(int(length))
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HTTPError(400, f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise HTTPError(400, f"request body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    def _send(self, status: int, result) -> None:
+        if result is None:
+            data, content_type = b"", "text/plain"
+        elif isinstance(result, str):
+            data, content_type = result.encode(), "text/plain; charset=utf-8"
+        else:
+            data, content_type = json.dumps(result).encode(), "application/json"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        if status != 200:  # the request's body may be unread: do not read the next request from it
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        if status == 401:
+            self.send_header("WWW-Authenticate", "Bearer")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+def make_http_server(app: Server, host: str, port: int) -> ThreadingHTTPServer:
+    handler = type("Handler", (_Handler,), {"app": app})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(model_path: str, host: str = "127.0.0.1", port: int = 30000, token: str | None = None,
+          no_token: bool = False, dtype: str = "float32", max_batch_size: int = 64, threads: int = 0) -> int:
+    """Run the server until SIGTERM / SIGINT; the exit code (EXIT_USAGE when it refuses to start).
+    token None: $MEGATRON_RL_SERVE_TOKEN."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if token is not None and no_token:
+        return _refuse("--no-token and a token (--token or $MEGATRON_RL_SERVE_TOKEN) exclude each other")
+    if token is None and not no_token:
+        return _refuse(f"no token: set ${TOKEN_ENV} (or --token) to the bearer token clients must send, or pass "
+                       "--no-token to serve every endpoint, weight updates included, to anyone who can connect")
+    if no_token and not is_loopback(host):
+        return _refuse(f"--no-token is accepted on a loopback address only, not on --host {host}")
+    if dtype not in ("float32", "bfloat16"):
+        return _refuse(f"--dtype: expected float32 or bfloat16, got {dtype!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_hf_model(model_path, DTYPES[dtype])
+    app = Server(HFGenerator(model, eos_token_ids(model), max_batch_size), model_path, token, is_loopback(host))
+    http_server = make_http_server(app, host, port)
+    app.scheduler.start()
+
+    def shut_down(signum, frame):
+        log.info("signal %d: shutting down", signum)
+        threading.Thread(target=http_server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, shut_down)
+    signal.signal(signal.SIGINT, shut_down)
+    log.info("serving %s (%s, max batch %d, %d threads) on http://%s:%d; token %s", model_path, dtype, max_batch_size,
+             torch.get_num_threads(), host, http_server.server_address[1],
+             "required for admin endpoints" + ("" if app.loopback else " and /generate") if token else "off")
+    try:
+        http_server.serve_forever()
+    finally:
+        app.close()
+        http_server.server_close()
+        log.info("stopped")
+    return 0
+
+
+def _refuse(message: str) -> int:
+    print(f"megatron-rl serve: {message}", file=sys.stderr)
+    return EXIT_USAGE
