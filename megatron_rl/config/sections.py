@@ -55,6 +55,8 @@ class ModelConfig(Section):
     moe_ffn_hidden_size: PositiveInt | None = None  # null: ffn_hidden_size
     moe_shared_expert_intermediate_size: PositiveInt | None = None  # null: no shared expert
     moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    moe_router_pre_softmax: bool = False  # softmax over all experts, then top-k (no renormalisation)
+    moe_shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(x . gate), Qwen2-MoE
     moe_aux_loss_coeff: NonNegativeFloat = 0.0
     hf_path: str | None = None  # a local Hugging Face checkpoint directory
 

@@ -40,10 +40,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 
-from megatron_rl.learner.full_weights import full_name
+from megatron_rl.learner.full_weights import full_name, tensor_parallel_place
 
 OUTPUT_LAYER = "output_layer.weight"
 
@@ -103,21 +102,11 @@ def local_shards(chunks: list[torch.nn.Module]) -> list[tuple[Shard, torch.Tenso
             name = full_name(chunk, local_name, single_rank_names)
             if local_name == OUTPUT_LAYER and name != OUTPUT_LAYER:
                 continue  # the last stage's copy of the tied word embeddings
-            index, count = _tensor_parallel_place(param)
+            index, count = tensor_parallel_place(param)
             shards.append((Shard(name, index, count, getattr(param, "partition_dim", 0),
                                  getattr(param, "partition_stride", 1), tuple(param.shape), param.dtype),
                            param.detach()))
     return shards
-
-
-def _tensor_parallel_place(param: torch.nn.Parameter) -> tuple[int, int]:
-    """(rank, size) of the group param is split over: TP, expert-TP for expert weights; (0, 1) if whole."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return 0, 1
-    if not getattr(param, "allreduce", True):  # an expert weight
-        return (parallel_state.get_expert_tensor_parallel_rank(),
-                parallel_state.get_expert_tensor_parallel_world_size())
-    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
 
 
 def read_plan(everyone: list[list[Shard]]) -> list[tuple[str, list[tuple[int, int]]]]:

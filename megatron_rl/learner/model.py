@@ -72,6 +72,8 @@ def _moe_fields(model: ModelConfig) -> dict:
         "moe_ffn_hidden_size": model.moe_ffn_hidden_size or model.ffn_hidden_size,
         "moe_shared_expert_intermediate_size": model.moe_shared_expert_intermediate_size,
         "moe_router_score_function": model.moe_router_score_function,
+        "moe_router_pre_softmax": model.moe_router_pre_softmax,
+        "moe_shared_expert_gate": model.moe_shared_expert_gate,
         "moe_aux_loss_coeff": model.moe_aux_loss_coeff,
         "moe_router_load_balancing_type": "aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
         "moe_token_dispatcher_type": "alltoall",

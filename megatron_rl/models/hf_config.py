@@ -11,13 +11,15 @@ would compute differently is refused with a ValueError naming the Hugging Face f
   partial_rotary_factor). Megatron's non-interleaved RoPE rotates halves [x1, x2] -> [x1 c - x2 s,
   x2 c + x1 s] with inv_freq_i = theta^(-2i / head_dim), as HF's rotate_half does.
 - attention: full causal attention in every layer (no sliding window); biases on q, k, v only
-  (Qwen2: always; Llama / Qwen3 `attention_bias` would also bias o_proj, which Megatron's
-  add_qkv_bias does not).
+  (Qwen2: always; Qwen2-MoE: `qkv_bias`, default true; Llama / Qwen3 `attention_bias` would also
+  bias o_proj, which Megatron's add_qkv_bias does not).
 - MLP: SwiGLU (`hidden_act` silu), no biases.
-- MoE (Qwen3-MoE): every layer sparse; the router is softmax over the top-k logits, which is
-  softmax over all experts followed by renormalising the top k, i.e. `norm_topk_prob: true`
-  (Megatron's moe_router_pre_softmax=False). `norm_topk_prob: false` needs
-  moe_router_pre_softmax=True, which ModelConfig does not expose.
+- MoE (Qwen2-MoE, Qwen3-MoE): every layer sparse. The router takes the softmax over all experts
+  and keeps the top k; `norm_topk_prob: true` renormalises those k, which is Megatron's softmax
+  over the top-k logits (moe_router_pre_softmax false); `norm_topk_prob: false` keeps them as they
+  are (moe_router_pre_softmax true). Qwen2-MoE adds a shared expert of
+  `shared_expert_intermediate_size`, its output scaled by sigmoid(x . shared_expert_gate)
+  (moe_shared_expert_gate).
 """
 
 from collections.abc import Mapping
@@ -27,11 +29,13 @@ SUPPORTED_ARCHITECTURES = {  # architecture -> model_type
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 QK_LAYERNORM = {"qwen3", "qwen3_moe"}
-QKV_BIAS = {"qwen2"}
-MOE = {"qwen3_moe"}
+QKV_BIAS = {"qwen2"}  # always; Qwen2-MoE: its `qkv_bias` field
+MOE = {"qwen2_moe", "qwen3_moe"}
+SHARED_EXPERT = {"qwen2_moe"}
 
 
 def model_config_from_hf(hf_config: Mapping[str, Any] | Any) -> dict[str, Any]:
@@ -59,10 +63,15 @@ def model_config_from_hf(hf_config: Mapping[str, Any] | Any) -> dict[str, Any]:
         "swiglu": True,
         "add_bias_linear": False,
         "qk_layernorm": model_type in QK_LAYERNORM,
-        "add_qkv_bias": model_type in QKV_BIAS,
+        "add_qkv_bias": model_type in QKV_BIAS or (model_type == "qwen2_moe" and config.get("qkv_bias", True)),
         "untie_embeddings_and_output_weights": not config.get("tie_word_embeddings", False),
     }
-    return fields | (_moe_fields(config) if model_type in MOE else {})
+    if model_type in MOE:
+        fields |= _moe_fields(config)
+    if model_type in SHARED_EXPERT:
+        fields |= {"moe_shared_expert_intermediate_size": _required(config, "shared_expert_intermediate_size"),
+                   "moe_shared_expert_gate": True}
+    return fields
 
 
 def _model_type(config: dict) -> str:
@@ -123,8 +132,6 @@ def _rotary_base(config: dict) -> float:
 
 
 def _moe_fields(config: dict) -> dict[str, Any]:
-    _refuse_unless(config, "norm_topk_prob", True, "Megatron's softmax router renormalises the top-k "
-                   "probabilities; without it needs moe_router_pre_softmax, which ModelConfig does not expose")
     _refuse_unless(config, "decoder_sparse_step", 1, "every layer must be a MoE layer")
     if config.get("mlp_only_layers"):
         raise ValueError(f"HF config field 'mlp_only_layers' = {config['mlp_only_layers']} is not supported: "
@@ -135,4 +142,5 @@ def _moe_fields(config: dict) -> dict[str, Any]:
         "moe_router_topk": _required(config, "num_experts_per_tok"),
         "moe_ffn_hidden_size": _required(config, "moe_intermediate_size"),
         "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": not config.get("norm_topk_prob", False),  # transformers' default: false
     }

@@ -23,8 +23,9 @@ Layouts, with h = hidden_size, d = kv_channels, n_q heads, n_g query groups, I =
 - linear_fc1.weight [2 I, h] = [gate_proj; up_proj]: Megatron's GLU is silu(first half) * second half.
 - every other Megatron tensor is one HF tensor, unchanged.
 HF names are those of the safetensors files, which rollout engines load: experts one by one
-(mlp.experts.j.{gate,up,down}_proj.weight), shared experts as Qwen2-MoE's mlp.shared_expert.* (without
-its sigmoid gate: ModelConfig has no shared-expert gate).
+(mlp.experts.j.{gate,up,down}_proj.weight), shared experts as Qwen2-MoE's mlp.shared_expert.*, and
+their sigmoid gate (model.moe_shared_expert_gate) mlp.shared_experts.gate_weight [1, h] as
+mlp.shared_expert_gate.weight.
 """
 
 import functools
@@ -123,7 +124,7 @@ def _check_supported(model: ModelConfig) -> None:
     for field, supported in (("normalization", "RMSNorm"), ("swiglu", True), ("add_bias_linear", False)):
         if getattr(model, field) != supported:
             raise ValueError(f"model.{field} = {getattr(model, field)!r} has no Hugging Face mapping; "
-                             f"supported: {supported!r} (Llama / Qwen2 / Qwen3 / Qwen3-MoE)")
+                             f"supported: {supported!r} (Llama / Qwen2 / Qwen3 / Qwen2-MoE / Qwen3-MoE)")
 
 
 def _attention_rules(model: ModelConfig, megatron: str, hf: str, te_names: bool) -> list[Rule]:
@@ -160,6 +161,9 @@ def _mlp_rules(model: ModelConfig, megatron: str, hf: str, te_names: bool) -> li
                      f"experts.local_experts.{expert}.linear_fc2.weight"))
         out += _swiglu(mlp + fc1, mlp + fc2, hf + f"mlp.experts.{expert}.", expert_size, hidden)
     if model.moe_shared_expert_intermediate_size:
+        if model.moe_shared_expert_gate:
+            out.append(Rule(mlp + "shared_experts.gate_weight", (hf + "mlp.shared_expert_gate.weight",),
+                            ((1, hidden),)))
         out += _swiglu(mlp + "shared_experts.linear_fc1.weight", mlp + "shared_experts.linear_fc2.weight",
                        hf + "mlp.shared_expert.", model.moe_shared_expert_intermediate_size, hidden)
     return out

@@ -1,15 +1,18 @@
 """megatron_rl.models: Hugging Face <-> Megatron-Core names, layouts and configs, against the real models.
 
-Four tiny random transformers models, fp32: Llama (tied embeddings), Qwen2 (q/k/v biases, untied,
-theta 1e6), Qwen3 (q/k RMSNorm, head_dim 24 != hidden / heads, tied) and Qwen3-MoE (4 experts, top-2,
-norm_topk_prob, untied). Every parameter is drawn from a seeded generator (norm weights around 1,
-biases non-zero), so a misplaced tensor shows. Each model is saved with save_pretrained, read back
-with SafetensorsCheckpoint, converted with hf_to_megatron and loaded (load_full_state) into a
-single-rank build_gpt_model on a gloo world of one process; both models then score the same tokens.
+Tiny random transformers models, fp32: Llama (tied embeddings), Qwen2 (q/k/v biases, untied,
+theta 1e6), Qwen3 (q/k RMSNorm, head_dim 24 != hidden / heads, tied), Qwen3-MoE (4 experts, top-2,
+norm_topk_prob, untied; and without norm_topk_prob: softmax before the top-k) and Qwen2-MoE (q/k/v
+biases, a shared expert with its sigmoid gate, no norm_topk_prob). Every parameter is drawn from a
+seeded generator (norm weights around 1, biases non-zero), so a misplaced tensor shows. Each model is
+saved with save_pretrained, read back with SafetensorsCheckpoint, converted with hf_to_megatron and
+loaded (load_full_state) into a single-rank build_gpt_model on a gloo world of one process; both
+models then score the same tokens.
 """
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,7 +34,7 @@ from megatron_rl.platform import ensure_platform
 ensure_platform()  # before the first Megatron-Core import
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 
-from megatron_rl.learner.full_weights import load_full_state  # noqa: E402
+from megatron_rl.learner.full_weights import full_name, load_full_state  # noqa: E402
 from megatron_rl.learner.model import build_gpt_model  # noqa: E402
 
 SEED = 20240611
@@ -45,7 +48,11 @@ ARCHITECTURES = {
     "qwen3": {"tie_word_embeddings": True, "head_dim": 24},
     "qwen3_moe": {"tie_word_embeddings": False, "head_dim": 24, "num_experts": 4, "num_experts_per_tok": 2,
                   "moe_intermediate_size": 32, "norm_topk_prob": True},
+    "qwen2_moe": {"tie_word_embeddings": False, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 48},
 }
+VARIANTS = {"qwen3_moe_pre_softmax": ("qwen3_moe", {"norm_topk_prob": False})}  # case: (model_type, overrides)
+CASES = [*ARCHITECTURES, *VARIANTS]
 TOKENS = torch.randint(0, COMMON["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(SEED))
 
 
@@ -65,16 +72,21 @@ def checkpoints(tmp_path_factory):
     """model_type -> (transformers model, its save_pretrained directory), built on first use."""
     built = {}
 
-    def get(model_type: str):
-        if model_type not in built:
-            config = AutoConfig.for_model(model_type, **COMMON, **ARCHITECTURES[model_type])
+    def get(case: str):
+        if case not in built:
+            config = AutoConfig.for_model(**hf_fields(case))
             model = AutoModelForCausalLM.from_config(config).eval()
             randomise(model, SEED)
-            path = tmp_path_factory.mktemp(model_type)
+            path = tmp_path_factory.mktemp(case)
             model.save_pretrained(path)
-            built[model_type] = model, path
-        return built[model_type]
+            built[case] = model, path
+        return built[case]
     return get
+
+
+def hf_fields(case: str) -> dict:
+    model_type, overrides = VARIANTS.get(case, (case, {}))
+    return {"model_type": model_type, **COMMON, **ARCHITECTURES[model_type], **overrides}
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -109,15 +121,26 @@ def converted(path, te_names: bool = False) -> tuple[ModelConfig, dict[str, torc
     return model, dict(hf_to_megatron(SafetensorsCheckpoint(path), model, te_names=te_names))
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
-def test_megatron_logits_equal_transformers(megatron_world, checkpoints, model_type):
-    hf_model, path = checkpoints(model_type)
+@pytest.mark.parametrize("case", CASES)
+def test_megatron_logits_equal_transformers(megatron_world, checkpoints, case):
+    hf_model, path = checkpoints(case)
     model, full_state = converted(path)
-    assert model.untie_embeddings_and_output_weights == (not ARCHITECTURES[model_type]["tie_word_embeddings"])
+    assert model.untie_embeddings_and_output_weights == (not hf_fields(case)["tie_word_embeddings"])
     expected = hf_logits(hf_model)
     difference = (megatron_logits(model, full_state) - expected).abs().max().item()
-    print(f"{model_type}: max |logit diff| = {difference:.2e}, logit scale {expected.abs().max().item():.2f}")
+    print(f"{case}: max |logit diff| = {difference:.2e}, logit scale {expected.abs().max().item():.2f}")
     assert difference <= LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("case", ["qwen2_moe", "qwen3_moe"])
+def test_the_other_router_changes_the_logits(megatron_world, checkpoints, case):
+    hf_model, path = checkpoints(case)
+    model, full_state = converted(path)
+    flipped = model.model_copy(update={"moe_router_pre_softmax": not model.moe_router_pre_softmax})
+    difference = (megatron_logits(flipped, full_state) - hf_logits(hf_model)).abs().max().item()
+    print(f"{case} with moe_router_pre_softmax = {flipped.moe_router_pre_softmax}: max |logit diff| = "
+          f"{difference:.2e}")
+    assert difference > 1e-3
 
 
 def concatenated_qkv(model: ModelConfig, full_state: dict, path) -> dict:
@@ -148,10 +171,10 @@ def test_wrong_layouts_change_the_logits(megatron_world, checkpoints, corrupt):
     assert difference > 1e-3
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("te_names", [False, True])
-def test_round_trip_is_bitwise(checkpoints, model_type, te_names):
-    _, path = checkpoints(model_type)
+def test_round_trip_is_bitwise(checkpoints, case, te_names):
+    _, path = checkpoints(case)
     checkpoint = SafetensorsCheckpoint(path)
     model, full_state = converted(path, te_names)
     back = {}
@@ -166,7 +189,7 @@ def test_round_trip_is_bitwise(checkpoints, model_type, te_names):
 
 
 def test_shared_experts_of_a_real_megatron_model_round_trip(megatron_world):
-    """A Megatron MoE with a shared expert (no HF model to compare with: ModelConfig has no shared-expert gate)."""
+    """A Megatron MoE with an ungated shared expert (no HF architecture has one to compare with)."""
     model = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
                         vocab_size=128, num_experts=4, moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=48,
                         qk_layernorm=True, add_qkv_bias=True, untie_embeddings_and_output_weights=True)
@@ -197,6 +220,35 @@ def test_transformer_engine_names():
     assert te - local == {layer + "self_attention.linear_qkv.layer_norm_weight"} | {
         layer + f"mlp.experts.linear_fc{k}.weight{j}" for j in range(2) for k in (1, 2)}
     assert layer + "pre_mlp_layernorm.weight" in te  # TE's MoE layer keeps a separate TENorm
+
+
+def test_full_names_of_expert_parallel_experts_in_both_specs():
+    """A rank of PP2 x EP2: the second stage (model layers 2, 3), experts 2 and 3 of 4 (local 0 and 1). Local
+    names of both layer specs map to full names the mapping knows (full_weights.full_name; TE is not installed
+    here, so the chunk is a stand-in with the attributes full_name reads)."""
+    def layer(number):
+        return SimpleNamespace(layer_number=number, mlp=SimpleNamespace(local_expert_indices=[2, 3]))
+
+    chunk = SimpleNamespace(decoder=SimpleNamespace(layers=[layer(3), layer(4)]))
+    te_names = {
+        "decoder.layers.1.mlp.experts.linear_fc1.weight0": "decoder.layers.3.mlp.experts.linear_fc1.weight2",
+        "decoder.layers.0.mlp.experts.linear_fc2.weight1": "decoder.layers.2.mlp.experts.linear_fc2.weight3",
+        "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight":
+            "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight",
+    }
+    local_names = {
+        "decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight":
+            "decoder.layers.2.mlp.experts.local_experts.3.linear_fc1.weight",
+        "decoder.layers.1.mlp.router.weight": "decoder.layers.3.mlp.router.weight",
+        "decoder.layers.0.mlp.shared_experts.gate_weight": "decoder.layers.2.mlp.shared_experts.gate_weight",
+        "decoder.layers.1.mlp.shared_experts.linear_fc2.weight":
+            "decoder.layers.3.mlp.shared_experts.linear_fc2.weight",
+    }
+    model = ModelConfig(num_layers=4, num_experts=4, moe_shared_expert_intermediate_size=32,
+                        moe_shared_expert_gate=True)
+    for names, te in ((te_names, True), (local_names, False)):
+        assert {local: full_name(chunk, local, ()) for local in names} == names
+        assert set(names.values()) <= {rule.megatron for rule in rules(model, te)}
 
 
 def test_written_checkpoint_loads_in_transformers(checkpoints, tmp_path):
@@ -274,7 +326,8 @@ def test_model_config_from_hf_reads_every_field(checkpoints):
         "kv_channels": 24, "vocab_size": 128, "max_position_embeddings": 64, "rotary_base": 10000.0,
         "norm_epsilon": 1e-6, "normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False,
         "qk_layernorm": True, "add_qkv_bias": False, "untie_embeddings_and_output_weights": True,
-        "num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 32, "moe_router_score_function": "softmax"}
+        "num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 32, "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": False}
     assert model_config_from_hf(hf_model.config) == fields
     legacy = read_hf_config(path)  # a config.json as older transformers wrote it
     legacy["rope_theta"] = legacy.pop("rope_parameters")["rope_theta"]
@@ -282,11 +335,23 @@ def test_model_config_from_hf_reads_every_field(checkpoints):
     assert model_config_from_hf(legacy) == fields
 
 
+def test_model_config_from_hf_reads_the_router_and_the_shared_expert_gate():
+    qwen2_moe = model_config_from_hf(hf_dict("qwen2_moe"))
+    assert {key: qwen2_moe[key] for key in ("add_qkv_bias", "moe_router_pre_softmax", "moe_shared_expert_gate",
+                                            "moe_shared_expert_intermediate_size", "moe_ffn_hidden_size")} == {
+        "add_qkv_bias": True, "moe_router_pre_softmax": True, "moe_shared_expert_gate": True,
+        "moe_shared_expert_intermediate_size": 48, "moe_ffn_hidden_size": 32}
+    assert model_config_from_hf(hf_dict("qwen2_moe", qkv_bias=False))["add_qkv_bias"] is False
+    assert model_config_from_hf(hf_dict("qwen2_moe", norm_topk_prob=True))["moe_router_pre_softmax"] is False
+    assert model_config_from_hf(hf_dict("qwen3_moe", norm_topk_prob=False))["moe_router_pre_softmax"] is True
+    assert "moe_shared_expert_gate" not in model_config_from_hf(hf_dict("qwen3_moe"))
+
+
 def hf_dict(model_type: str, **overrides) -> dict:
     return AutoConfig.for_model(model_type, **COMMON, **ARCHITECTURES[model_type]).to_dict() | overrides
 
 
-SUPPORTED = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"
+SUPPORTED = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM"
 
 
 @pytest.mark.parametrize("config, message", [
@@ -299,9 +364,9 @@ SUPPORTED = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCa
     ({**hf_dict("qwen2", use_sliding_window=True), "layer_types": None}, "'use_sliding_window' = True"),
     (hf_dict("qwen2", architectures=["MistralForCausalLM"]),
      f"'architectures': MistralForCausalLM is not supported; supported: {SUPPORTED}"),
-    (hf_dict("qwen3_moe", architectures=["Qwen2MoeForCausalLM"]), "Qwen2MoeForCausalLM is not supported"),
+    (hf_dict("qwen3_moe", architectures=["MixtralForCausalLM"]), "MixtralForCausalLM is not supported"),
     ({**hf_dict("qwen3"), "model_type": "gemma"}, f"'model_type': 'gemma' is not supported; supported .*{SUPPORTED}"),
-    (hf_dict("qwen3_moe", norm_topk_prob=False), "'norm_topk_prob' = False is not supported"),
+    (hf_dict("qwen2_moe", decoder_sparse_step=2), "'decoder_sparse_step' = 2 is not supported"),
     (hf_dict("qwen3_moe", mlp_only_layers=[1]), r"'mlp_only_layers' = \[1\] is not supported"),
     (hf_dict("qwen3_moe", decoder_sparse_step=2), "'decoder_sparse_step' = 2 is not supported"),
     (hf_dict("llama", attention_bias=True), "'attention_bias' = True is not supported .*o_proj"),
