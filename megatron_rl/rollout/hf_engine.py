@@ -202,7 +202,11 @@ def _stop_table(stop_sets: list[set[int]]) -> torch.Tensor:
 
 
 class HFGenerator:
-    """Batched generation with per-token logprobs and in-place weight updates for one HF causal LM."""
+    """Batched generation with per-token logprobs and in-place weight updates for one HF causal LM.
+
+    Not thread-safe: the caller runs one generate or load_weights at a time (a weight update between two decode
+    steps would mix two policies in one sample).
+    """
 
     def __init__(self, model: transformers.PreTrainedModel, eos_token_ids: Sequence[int], max_batch_size: int = 64):
         if not _is_int(max_batch_size) or max_batch_size < 1:

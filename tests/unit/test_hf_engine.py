@@ -5,6 +5,7 @@ The reference for every generated token y_t of a prompt p is one unpadded forwar
 log_softmax(logits / T) at the position before y_t, gathered at y_t (T = 1 when greedy).
 """
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -69,20 +70,23 @@ def reference_logprobs(model, prompt, completion: Completion, temperature) -> to
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_equal_a_teacher_forced_forward(model, temperature):
-    params = [SamplingParams(temperature=temperature, max_new_tokens=n, sampling_seed=seed, ignore_eos=True)
-              for seed, n in enumerate([12, 5, 16, 9])]
+    """Rows of different lengths, max_new_tokens and stop rules in chunks of 3, a greedy row among sampled ones."""
+    temperatures = [0.0, temperature, temperature, temperature]
+    params = [SamplingParams(temperature=t, max_new_tokens=n, sampling_seed=seed, ignore_eos=True)
+              for seed, (t, n) in enumerate(zip(temperatures, [12, 5, 16, 9], strict=True))]
     completions = HFGenerator(model, eos_token_ids(model), max_batch_size=3).generate(PROMPTS, params)
     stop = completions[2].output_ids[6]  # row 2 now stops at its first `stop`, while the others go on
-    params[2] = SamplingParams(temperature=temperature, max_new_tokens=16, sampling_seed=2, ignore_eos=True,
-                               stop_token_ids=(stop,))
+    params[2] = dataclasses.replace(params[2], stop_token_ids=(stop,))
     completions = HFGenerator(model, eos_token_ids(model), max_batch_size=3).generate(PROMPTS, params)
     assert [len(c.output_ids) for i, c in enumerate(completions) if i != 2] == [12, 5, 9]
     assert completions[2].finish_reason == {"type": "stop", "matched": stop}
     assert completions[2].output_ids[-1] == stop and stop not in completions[2].output_ids[:-1]
-    for prompt, completion in zip(PROMPTS, completions, strict=True):
+    for prompt, completion, row_temperature in zip(PROMPTS, completions, temperatures, strict=True):
         assert len(completion.output_logprobs) == len(completion.output_ids)
-        reference = reference_logprobs(model, prompt, completion, temperature)
+        reference = reference_logprobs(model, prompt, completion, row_temperature)
         torch.testing.assert_close(torch.tensor(completion.output_logprobs), reference, rtol=0, atol=TOL)
+    greedy = teacher_forced_logits(model, PROMPTS[0], completions[0].output_ids).argmax(-1).tolist()
+    assert completions[0].output_ids == greedy
     # negative control: had the padding been attended to, the check would see it
     padding = len(PROMPTS[3]) - len(PROMPTS[2])
     attended = reference_logprobs(model, [0] * padding + PROMPTS[2], completions[2], temperature)
@@ -162,7 +166,7 @@ def test_eos_stop_tokens_ignore_eos_and_length(qwen3_path):
     with_eos = HFGenerator(model, [eos])
 
     def run(**overrides):
-        return with_eos.generate([PROMPTS[0]], [dataclass_replace(greedy, **overrides)])[0]
+        return with_eos.generate([PROMPTS[0]], [dataclasses.replace(greedy, **overrides)])[0]
 
     stopped = run()
     assert stopped.output_ids == free[:first + 1]  # the eos token is part of the output
@@ -171,15 +175,11 @@ def test_eos_stop_tokens_ignore_eos_and_length(qwen3_path):
     assert run(ignore_eos=True).finish_reason == {"type": "length", "length": 12}
     assert run(ignore_eos=True, stop_token_ids=(eos,)).finish_reason == {"type": "stop", "matched": eos}
     stop = free[1]
-    by_stop_id = HFGenerator(model, []).generate([PROMPTS[0]], [dataclass_replace(greedy, stop_token_ids=(stop,))])[0]
+    by_stop_id = HFGenerator(model, []).generate([PROMPTS[0]], [dataclasses.replace(greedy, stop_token_ids=(stop,))])[0]
     assert by_stop_id.output_ids == free[:free.index(stop) + 1]
     assert by_stop_id.finish_reason == {"type": "stop", "matched": stop}
     assert run(max_new_tokens=2).finish_reason == {"type": "length", "length": 2}
     assert run(max_new_tokens=0) == Completion([], [], {"type": "length", "length": 0})
-
-
-def dataclass_replace(params: SamplingParams, **changes) -> SamplingParams:
-    return SamplingParams(**{**params.__dict__, **changes})
 
 
 def test_abort_returns_what_was_generated(qwen3_path):
