@@ -102,7 +102,54 @@ def _add_serve(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_serve)
 
 
-SUBCOMMANDS = (_add_validate, _add_train, _add_toy_task, _add_serve)
+def _convert(args: argparse.Namespace) -> int:
+    from megatron_rl.convert import REFUSALS, convert_hf_to_megatron, convert_megatron_to_hf
+
+    layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp, "overwrite": args.overwrite}
+    try:
+        if args.direction == "hf-to-megatron":
+            convert_hf_to_megatron(args.hf_dir, args.out_dir, **layout)
+        else:
+            convert_megatron_to_hf(args.checkpoint_dir, args.out_dir, args.hf_config, step=args.step,
+                                   max_shard_bytes=int(args.max_shard_gib * 2**30), **layout)
+    except REFUSALS as exc:
+        print(f"convert {args.direction}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    return 0
+
+
+def _add_convert(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "convert", help="Hugging Face safetensors <-> Megatron dist checkpoint, at any TP/PP/EP layout",
+        description="Run on every rank of the layout (torchrun --nproc-per-node N -m megatron_rl.cli convert ...; "
+                    "N a multiple of tp * pp and of ep * etp * pp) or as one process for the 1-rank layout. "
+                    "megatron_rl/convert.py describes both directions.")
+    layout = argparse.ArgumentParser(add_help=False)
+    for size in ("tp", "pp", "ep", "etp"):
+        layout.add_argument(f"--{size}", type=int, default=1, help=f"{size} size of the job's layout (default 1)")
+    layout.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR if it exists, once the new one is complete")
+    directions = parser.add_subparsers(title="directions", required=True, metavar="DIRECTION")
+    to_megatron = directions.add_parser(
+        "hf-to-megatron", parents=[layout], help="HF checkpoint -> Megatron dist checkpoint (step 0, weights only)",
+        description="The model config comes from HF_DIR/config.json; the checkpoint loads at any layout.")
+    to_megatron.add_argument("hf_dir", help="a Hugging Face checkpoint directory (config.json + safetensors)")
+    to_megatron.add_argument("out_dir", help="the checkpoint directory to write (must not exist)")
+    to_megatron.set_defaults(run=_convert, direction="hf-to-megatron")
+    to_hf = directions.add_parser(
+        "megatron-to-hf", parents=[layout], help="Megatron dist checkpoint (any layout) -> HF safetensors",
+        description="Loads the checkpoint at the job's layout and writes sharded safetensors in the HF config's "
+                    "dtype, with its config.json and the tokenizer files beside it.")
+    to_hf.add_argument("checkpoint_dir", help="a checkpoint directory of megatron-rl (holding `latest`)")
+    to_hf.add_argument("out_dir", help="the HF checkpoint directory to write (must not exist)")
+    to_hf.add_argument("--hf-config", required=True, help="an HF checkpoint directory or its config.json, "
+                       "describing the checkpoint's model")
+    to_hf.add_argument("--step", type=int, default=None, help="the checkpoint step (default: the latest)")
+    to_hf.add_argument("--max-shard-gib", type=float, default=5.0, help="largest safetensors file (default 5)")
+    to_hf.set_defaults(run=_convert, direction="megatron-to-hf")
+
+
+SUBCOMMANDS = (_add_validate, _add_train, _add_toy_task, _add_serve, _add_convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
