@@ -1,0 +1,172 @@
+"""Many rollout engines behind one `generate`: routing, retries, health, restarts, exact accounting.
+
+    fleet = Fleet(engines, max_concurrency=64, max_retries=3, resync=weight_sync.resync)
+    generations = fleet.generate(prompts, sampling_params)   # generations[i] answers prompts[i]
+
+Routing: each request goes to the ready engine with the fewest requests in flight, at most
+`max_concurrency` per engine (the engines batch concurrent requests themselves).
+
+Failure: a request whose engine fails (connection refused / reset, HTTP error, timeout) or that
+comes back aborted is put back in the queue and retried, on another engine when there is one,
+up to `max_retries` times. The engine that failed is checked with /health_generate; if it does
+not answer and the fleet launched it, the process is restarted, waited for, and re-synced to the
+current weights (`resync`) before it takes requests again; an engine that cannot be recovered
+stays out. Every prompt is answered exactly once: `generate` returns one generation per prompt,
+in order, and `stats` counts what happened.
+"""
+
+import itertools
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from megatron_rl.rollout.engines import Engine
+from megatron_rl.rollout.protocol import Generation
+
+log = logging.getLogger(__name__)
+
+
+class FleetError(RuntimeError):
+    """A request could not be answered (retries exhausted, or no engine left)."""
+
+
+@dataclass
+class _Job:
+    index: int
+    attempts: int = 0
+    errors: list[str] = field(default_factory=list)
+    avoid: Engine | None = None
+
+
+class Fleet:
+    def __init__(self, engines: Sequence[Engine], max_concurrency: int, max_retries: int,
+                 resync: Callable[[Engine], None] | None = None):
+        if not engines:
+            raise ValueError("a fleet needs at least one engine (rollout.engines is empty)")
+        self.engines, self.max_concurrency, self.max_retries = list(engines), max_concurrency, max_retries
+        self.resync = resync
+        self.stats: Counter = Counter()
+        self._route_lock = threading.Lock()
+        self._slot_freed = threading.Condition(self._route_lock)
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrency * len(self.engines), thread_name_prefix="rollout")
+        self._rids = itertools.count()
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling_params: dict) -> list[Generation]:
+        """One generation per prompt, in order. FleetError if a prompt cannot be answered."""
+        results: list[Generation | None] = [None] * len(prompts)
+        pending: dict[Future, tuple[_Job, Engine]] = {}
+        queue = [_Job(index) for index in range(len(prompts))]
+        while queue or pending:
+            while queue:
+                job = queue.pop()
+                engine = self._acquire(job.avoid)
+                future = self._pool.submit(self._call, engine, list(prompts[job.index]), sampling_params)
+                pending[future] = (job, engine)
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                job, engine = pending.pop(future)
+                failure = _failure_of(future)
+                if failure is None:
+                    if results[job.index] is not None:
+                        self.stats["duplicates"] += 1  # cannot happen: a job is resubmitted only after a failure
+                        continue
+                    results[job.index] = future.result()
+                    self.stats["answered"] += 1
+                    continue
+                queue.append(self._retry(job, engine, failure, engine_failed=not failure.startswith("aborted")))
+        self.stats["prompts"] += len(prompts)
+        return results
+
+    def _call(self, engine: Engine, input_ids: list[int], sampling_params: dict) -> Generation:
+        try:
+            return engine.client.generate(input_ids, sampling_params, rid=f"r{next(self._rids)}")
+        finally:
+            self._release(engine)
+
+    def _retry(self, job: _Job, engine: Engine, failure: str, engine_failed: bool) -> _Job:
+        job.attempts += 1
+        job.errors.append(f"{engine.url}: {failure}")
+        self.stats["retries"] += 1
+        if job.attempts > self.max_retries:
+            raise FleetError(f"prompt {job.index} failed {job.attempts} times (rollout.max_retries = "
+                             f"{self.max_retries}): " + "; ".join(job.errors))
+        if engine_failed:
+            self.stats["engine_failures"] += 1
+            self._check(engine)
+        job.avoid = engine if len(self.engines) > 1 else None
+        return job
+
+    def _acquire(self, avoid: Engine | None) -> Engine:
+        """The ready engine (not `avoid` if another is ready) with the fewest requests in flight; waits for a slot."""
+        with self._slot_freed:
+            while True:
+                ready = [e for e in self.engines if e.ready and e.in_flight < self.max_concurrency]
+                preferred = [e for e in ready if e is not avoid] or ready
+                if preferred:
+                    engine = min(preferred, key=lambda e: e.in_flight)
+                    engine.in_flight += 1
+                    return engine
+                if not any(e.ready or e.process is not None for e in self.engines):
+                    raise FleetError("no rollout engine is left: " + ", ".join(
+                        f"{e.url} ({e.failures} failures)" for e in self.engines))
+                self._slot_freed.wait(timeout=1.0)
+
+    def _release(self, engine: Engine) -> None:
+        with self._slot_freed:
+            engine.in_flight -= 1
+            self._slot_freed.notify_all()
+
+    def _check(self, engine: Engine) -> None:
+        """After a failure: keep the engine if it still generates, else take it out and recover it in the background."""
+        with engine.lock:
+            if not engine.ready:
+                return  # already being recovered
+            engine.failures += 1
+            if engine.client.health_generate():
+                return
+            engine.ready = False
+        log.warning("engine %s does not answer /health_generate; taken out of rotation", engine.url)
+        if engine.process is not None:
+            threading.Thread(target=self._recover, args=(engine,), name=f"recover-{engine.url}", daemon=True).start()
+
+    def _recover(self, engine: Engine) -> None:
+        """Restart the engine's process, wait until it generates, give it the current weights, put it back."""
+        try:
+            engine.process.stop()
+            engine.process.start()
+            engine.process.wait_until_ready(engine.client, engine.startup_timeout)
+            if self.resync is not None:
+                self.resync(engine)
+        except Exception as exc:  # noqa: BLE001 - reported, and the engine stays out of rotation
+            log.error("engine %s could not be recovered: %s", engine.url, exc)
+            engine.process = None
+            with self._slot_freed:
+                self._slot_freed.notify_all()
+            return
+        engine.restarts += 1
+        self.stats["restarts"] += 1
+        with self._slot_freed:
+            engine.ready = True
+            self._slot_freed.notify_all()
+        log.warning("engine %s restarted and re-synced", engine.url)
+
+    def shutdown(self, stop_engines: bool = True) -> None:
+        """Stop the thread pool and (stop_engines) every process the fleet launched."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for engine in self.engines if stop_engines else ():
+            if engine.process is not None:
+                engine.process.stop()
+
+
+def _failure_of(future: Future) -> str | None:
+    """None if the request succeeded, else why it did not ("aborted" when the engine aborted it)."""
+    exc = future.exception()
+    if exc is not None:
+        return f"{type(exc).__name__}: {exc}"
+    generation: Generation = future.result()
+    if generation.finish_reason.get("type") == "abort":
+        return f"aborted ({generation.finish_reason.get('message', '')})"
+    return None

@@ -1,0 +1,200 @@
+"""New weights to every engine: HF-named full tensors -> buckets -> broadcast, versioned, verified.
+
+Runs on the learner's rank 0, which receives the full tensors (`learner.export.full_parameters`
+mapped to HF names by `models.hf_mapping.megatron_to_hf`) one at a time:
+
+    sync = WeightSync(fleet.engines, cfg.rollout.weight_sync)
+    report = sync.push(hf_named_tensors, version=step)
+
+Wire protocol (SGLang's): each engine has its own two-rank weight-update process group (this
+process is rank 0, the engine rank 1; made on first use with /init_weights_update_group), so a
+restarted engine rejoins without disturbing the others. A push opens /begin_weight_update on
+every engine, then for each bucket of about `bucket_mb` MiB posts
+/update_weights_from_distributed (names, dtypes, shapes, weight_version) to every engine while
+broadcasting the bucket's tensors in order over each engine's group, and closes with
+/end_weight_update. Verification ("checksum"): every engine reports its weight_version, and the
+first 100 values of `verify_tensors` sampled tensors (/get_weights_by_name) must equal what was
+sent (in the engine's precision); a mismatch raises WeightSyncError.
+
+The last pushed tensors are kept (a host copy, the model's size) so that `resync` can bring a
+restarted engine to the current version without a collective over the learner ranks.
+"""
+
+import random
+import secrets
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.config.sections import WeightSyncConfig
+from megatron_rl.rollout.engines import Engine
+from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
+from megatron_rl.rollout.protocol import EngineError
+
+VERIFY_VALUES = 100  # values per sampled tensor read back from an engine
+LOW_PRECISIONS = (torch.bfloat16, torch.float16)
+
+
+class WeightSyncError(RuntimeError):
+    """An engine did not take the new weights, or holds other values than were sent."""
+
+
+@dataclass
+class SyncReport:
+    version: int
+    tensors: int = 0
+    bytes: int = 0
+    buckets: int = 0
+    seconds: float = 0.0
+    verified: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        return {"sync/seconds": self.seconds, "sync/bytes": float(self.bytes), "sync/buckets": float(self.buckets),
+                "sync/gb_per_second": self.bytes / max(self.seconds, 1e-9) / 1e9, "sync/version": float(self.version)}
+
+
+def buckets_of(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+               ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive groups of tensors of at most bucket_bytes each (a larger tensor is a bucket alone)."""
+    bucket, size = [], 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+class WeightSync:
+    def __init__(self, engines: list[Engine], config: WeightSyncConfig, backend: str = "gloo",
+                 master_address: str = "127.0.0.1"):
+        self.engines, self.config, self.backend, self.master_address = engines, config, backend, master_address
+        self.version: int | None = None
+        self.latest: list[tuple[str, torch.Tensor]] = []
+        self._groups: dict[int, tuple[str, dist.ProcessGroup]] = {}  # id(engine) -> (group name, group)
+        self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * len(engines)), thread_name_prefix="weight-sync")
+
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+             engines: list[Engine] | None = None) -> SyncReport:
+        """Send the tensors (HF names) to `engines` (default: the ready ones) as weight version `version`."""
+        targets = [e for e in self.engines if e.ready] if engines is None else engines
+        report = SyncReport(version)
+        start = time.perf_counter()
+        kept = []
+        self._each(targets, lambda engine: engine.client.begin_weight_update())
+        try:
+            for bucket in buckets_of(named_tensors, int(self.config.bucket_mb * 2**20)):
+                bucket = [(name, t.detach().clone(memory_format=torch.contiguous_format)) for name, t in bucket]
+                self._send_bucket(targets, bucket, version)
+                kept.extend(bucket)
+                report.tensors += len(bucket)
+                report.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                report.buckets += 1
+        finally:
+            self._each(targets, lambda engine: engine.client.end_weight_update())
+        report.seconds = time.perf_counter() - start
+        if engines is None:
+            self.latest, self.version = kept, version
+        if self.config.verify == "checksum":
+            report.verified = self._verify(targets, kept, version)
+        return report
+
+    def resync(self, engine: Engine) -> None:
+        """Bring one (restarted) engine to the last pushed version."""
+        self._forget(engine)
+        if self.version is not None:
+            self.push(self.latest, self.version, engines=[engine])
+
+    def _send_bucket(self, engines: list[Engine], bucket: list[tuple[str, torch.Tensor]], version: int) -> None:
+        names = [name for name, _ in bucket]
+        dtypes = [str(tensor.dtype).removeprefix("torch.") for _, tensor in bucket]
+        shapes = [list(tensor.shape) for _, tensor in bucket]
+        groups = [self._group(engine) for engine in engines]
+        requests = [self._pool.submit(engine.client.update_weights_from_distributed, names=names, dtypes=dtypes,
+                                      shapes=shapes, group_name=name, weight_version=str(version), flush_cache=True)
+                    for engine, (name, _) in zip(engines, groups, strict=True)]
+        for _, group in groups:
+            for _, tensor in bucket:
+                dist.broadcast(tensor, src=0, group=group)
+        for request in requests:
+            request.result()
+
+    def _group(self, engine: Engine) -> tuple[str, dist.ProcessGroup]:
+        """This engine's weight-update group, made on first use."""
+        if id(engine) not in self._groups:
+            name = f"megatron-rl-weights-{secrets.token_hex(6)}"  # unique: an engine may outlive this object
+            port = _free_port()
+            joined = self._pool.submit(engine.client.init_weights_update_group, master_address=self.master_address,
+                                       master_port=port, rank_offset=1, world_size=2, group_name=name,
+                                       backend=self.backend)
+            group = init_custom_process_group(self.backend, f"tcp://{self.master_address}:{port}", 2, 0, name)
+            joined.result()
+            self._groups[id(engine)] = (name, group)
+        return self._groups[id(engine)]
+
+    def _forget(self, engine: Engine) -> None:
+        """Drop this engine's group, on both ends (a restarted engine has lost its end already)."""
+        entry = self._groups.pop(id(engine), None)
+        if entry is None:
+            return
+        try:
+            engine.client.destroy_weights_update_group(entry[0])
+        except EngineError:
+            pass  # the engine restarted or is gone: its end of the group went with it
+        destroy_custom_process_group(entry[1])
+
+    def _each(self, engines: list[Engine], call) -> None:
+        for future in [self._pool.submit(call, engine) for engine in engines]:
+            future.result()
+
+    def _verify(self, engines: list[Engine], sent: list[tuple[str, torch.Tensor]], version: int) -> list[str]:
+        """Every engine is at `version` and holds the sent values of a few sampled tensors."""
+        sample = _sample_names([name for name, _ in sent], self.config.verify_tensors, version)
+        by_name = dict(sent)
+        for engine in engines:
+            reported = engine.client.get_weight_version()
+            if reported != str(version):
+                raise WeightSyncError(f"engine {engine.url} reports weight_version {reported!r} after a push of "
+                                      f"version {version}")
+            for name in sample:
+                got = torch.tensor(engine.client.get_weights_by_name(name, truncate_size=VERIFY_VALUES))
+                if not _same_values(by_name[name].flatten()[:VERIFY_VALUES], got):
+                    raise WeightSyncError(f"engine {engine.url} holds other values of {name!r} than version "
+                                          f"{version} sent: first values {got[:4].tolist()} vs "
+                                          f"{by_name[name].flatten()[:4].tolist()}")
+        return sample
+
+    def close(self) -> None:
+        for engine in list(self.engines):
+            self._forget(engine)
+        self._pool.shutdown(wait=False)
+
+
+def _same_values(sent: torch.Tensor, got: torch.Tensor) -> bool:
+    """Equal as sent, or as sent rounded to a lower precision the engine may run in."""
+    if got.shape != sent.shape:
+        return False
+    sent = sent.float()
+    return any(torch.equal(sent.to(dtype).float(), got.float()) for dtype in (torch.float32, *LOW_PRECISIONS))
+
+
+def _sample_names(names: list[str], count: int, seed: int) -> list[str]:
+    """The first and last tensor, and random others (seeded by the version), `count` in all."""
+    if len(names) <= count:
+        return names
+    middle = random.Random(seed).sample(names[1:-1], max(0, count - 2))
+    return [names[0], *middle, names[-1]][:count]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

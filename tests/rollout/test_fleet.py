@@ -1,0 +1,125 @@
+"""The fleet and weight sync against two real `megatron-rl serve` processes.
+
+- weight sync: a push of new weights (several buckets over the gloo weight-update groups) reaches both engines:
+  their greedy tokens and logprobs equal a local transformers copy with the same weights; verification catches an
+  engine that holds other values.
+- faults: one engine is killed (SIGKILL) mid-batch; the batch completes with every prompt answered exactly once,
+  and the engine is restarted and re-synced to the current weight version.
+"""
+
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from megatron_rl.config.sections import EngineSpec, RolloutConfig, WeightSyncConfig
+from megatron_rl.data.toy_task import write_toy_task
+from megatron_rl.rollout.engines import launch_engines
+from megatron_rl.rollout.fleet import Fleet
+from megatron_rl.rollout.weight_sync import WeightSync, WeightSyncError
+
+PROBE = [1, 5, 7, 8, 9, 10, 11, 32, 2, 7, 1, 6, 7]  # the toy chat prompt "Repeat the number: 7"
+GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_toy_task(tmp_path_factory.mktemp("toy"), num_prompts=10) / "model"
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir, tmp_path_factory):
+    rollout = RolloutConfig(engines=[EngineSpec(port=free_port()), EngineSpec(port=free_port())], startup_timeout=120)
+    started = launch_engines(rollout, str(model_dir), tmp_path_factory.mktemp("logs"), secrets.token_hex(8))
+    yield started
+    for engine in started:
+        engine.process.stop()
+
+
+def new_weights(model_dir, scale: float):
+    """The toy model's HF tensors, perturbed; and a transformers model holding them."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(int(scale * 1000))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    tensors = [(name, tensor.detach().clone()) for name, tensor in model.state_dict().items()
+               if name != "lm_head.weight"]  # tied to the embedding
+    return tensors, model.eval()
+
+
+def local_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    ids, logprobs = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            token = int(logits.argmax())
+            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+            ids.append(token)
+    return ids[len(prompt):], logprobs
+
+
+def test_push_reaches_every_engine_exactly(engines, model_dir):
+    tensors, reference = new_weights(model_dir, scale=0.05)
+    sync = WeightSync(engines, WeightSyncConfig(bucket_mb=0.05, verify="checksum", verify_tensors=6))
+    report = sync.push(tensors, version=7)
+    assert report.buckets > 2 and report.tensors == len(tensors)
+    assert len(report.verified) == 6
+    expected_tokens, expected_logprobs = local_greedy(reference, PROBE, GREEDY["max_new_tokens"])
+    for engine in engines:
+        generation = engine.client.generate(PROBE, GREEDY)
+        assert generation.weight_version == "7"
+        assert generation.output_ids == expected_tokens
+        assert max(abs(a - b) for a, b in zip(generation.output_logprobs, expected_logprobs, strict=True)) <= 1e-5
+    # negative control: one engine gets other values for one tensor behind the sync's back
+    name, tensor = tensors[0]
+    engines[1].client.begin_weight_update()
+    engines[1].client.update_weights_from_tensor([(name, tensor + 1.0)], weight_version="7")
+    engines[1].client.end_weight_update()
+    with pytest.raises(WeightSyncError, match=name):
+        sync._verify(engines, tensors, 7)
+    sync.push(tensors, version=8)  # and a push repairs it
+    sync.close()
+
+
+def test_killed_engine_mid_batch_every_prompt_answered_once_then_resynced(engines, model_dir):
+    tensors, reference = new_weights(model_dir, scale=0.03)
+    sync = WeightSync(engines, WeightSyncConfig(verify="checksum"))
+    sync.push(tensors, version=11)
+    fleet = Fleet(engines, max_concurrency=8, max_retries=3, resync=sync.resync)
+    prompts = [PROBE[:-1] + [12 + i % 20, 2] for i in range(48)]
+    params = {"temperature": 1.0, "max_new_tokens": 48, "ignore_eos": True}
+    victim = engines[0]
+    killer = threading.Timer(1.0, lambda: os.kill(victim.process.pid, signal.SIGKILL))
+    killer.start()
+    generations = fleet.generate(prompts, params)
+    killer.join()
+    assert [g.prompt_ids for g in generations] == prompts
+    assert all(len(g.output_ids) == 48 and g.weight_version == "11" for g in generations)
+    assert fleet.stats["answered"] == len(prompts) and fleet.stats["duplicates"] == 0
+    assert fleet.stats["engine_failures"] >= 1 and fleet.stats["retries"] >= 1  # the kill hit requests in flight
+
+    deadline = time.monotonic() + 120
+    while not (victim.ready and victim.restarts == 1) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert victim.ready and victim.restarts == 1, victim.process.log_tail()
+    assert victim.client.get_weight_version() == "11"
+    expected_tokens, expected_logprobs = local_greedy(reference, PROBE, GREEDY["max_new_tokens"])
+    generation = victim.client.generate(PROBE, GREEDY)
+    assert generation.output_ids == expected_tokens
+    assert max(abs(a - b) for a, b in zip(generation.output_logprobs, expected_logprobs, strict=True)) <= 1e-5
+    fleet.shutdown(stop_engines=False)
+    sync.close()
