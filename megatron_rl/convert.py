@@ -148,7 +148,7 @@ def load_hf_weights(chunks: list[torch.nn.Module], hf_tensors: Mapping[str, torc
     if not model.untie_embeddings_and_output_weights:  # hf_to_megatron compares a stored tied lm_head
         needed |= {TIED_LM_HEAD, "model.embed_tokens.weight"}
     shapes = {name: shape for rule in mapping for name, shape in zip(rule.hf, rule.hf_shapes, strict=True)}
-    view = _ReadOnly(hf_tensors, needed, shapes)
+    view = _TensorsOfRank(hf_tensors, needed, shapes)
     steps = _progress(hf_to_megatron(view, model, te_names), len(mapping), "Megatron tensors read", show_progress)
     for name, full in steps:
         for param in params.get(name, ()):
@@ -159,7 +159,7 @@ def load_hf_weights(chunks: list[torch.nn.Module], hf_tensors: Mapping[str, torc
             param.copy_(shard)
 
 
-class _ReadOnly(Mapping[str, torch.Tensor]):
+class _TensorsOfRank(Mapping[str, torch.Tensor]):
     """The HF tensors, with shape-only meta stand-ins for every tensor not in `needed` (not read)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], needed: set[str], shapes: dict[str, tuple[int, ...]]):

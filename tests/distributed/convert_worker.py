@@ -9,18 +9,20 @@ in this process (its return code checked).
 
 - one_rank, per model: hf-to-megatron at TP1 to WORK_DIR/megatron/tp1_<model>; for llama with
   --overwrite, over a directory that exists and holds a file `stale`.
-- two_ranks, per model at its layout (LAYOUTS: dense tp 2, MoE ep 2): hf-to-megatron to
-  WORK_DIR/megatron/<layout>_<model>; then megatron-to-hf at that layout of this checkpoint and of
-  the one-rank tp1_<model> (resharded on load) to WORK_DIR/hf_out/<checkpoint>.
+- two_ranks, per (model, layout) of LAYOUTS (TP2, PP2 with tied embeddings, EP2, and TP2 + expert-TP2
+  for Qwen2-MoE's shared expert and its gate): hf-to-megatron to WORK_DIR/megatron/<layout>_<model>;
+  then megatron-to-hf at that layout of this checkpoint and of the one-rank tp1_<model> (resharded on
+  load) to WORK_DIR/hf_out/<checkpoint>_at_<layout>.
 
-After each hf-to-megatron every rank loads the checkpoint at the conversion's layout
-(learner.checkpoint.load_checkpoint, weights only, with the model config derived from the HF
-config) and scores TOKENS; rank 0 records max |logits - transformers' logits| (TP-gathered, fp32),
-the RL state and the recorded layout. After each megatron-to-hf rank 0 records the HF tensors that
-are not bitwise the original's (dtype, shape, values), whether the names, config.json and the other
-files are the original's, and whether transformers loads the output and scores TOKENS bitwise like
-the original (both loaded here). Rank 0 writes WORK_DIR/<launch>.json; an error is written, then
-raised (so no rank waits in a collective).
+After each hf-to-megatron every rank loads the checkpoint (learner.checkpoint.load_checkpoint, weights
+only, with the model config derived from the HF config) at the conversion's layout, except PP2's,
+loaded at DP2 (one forward call per rank), and scores TOKENS; rank 0 records max |logits -
+transformers' logits| (TP-gathered, fp32), the RL state and the recorded layout. After each
+megatron-to-hf rank 0 records the HF tensors that are not bitwise the original's (dtype, shape,
+values), whether the names, config.json and the other files are the original's, and whether
+transformers loads the output and scores TOKENS bitwise like the original (both loaded here).
+Rank 0 writes WORK_DIR/<launch>.json; an error is written, then raised (so no rank waits in a
+collective).
 """
 
 from __future__ import annotations  # annotations name modules that the __mp_main__ import skips
@@ -59,15 +61,22 @@ MODELS = {  # name: (model_type, config fields beyond COMMON)
     "qwen3": ("qwen3", {"tie_word_embeddings": False, "head_dim": 24}),
     "qwen3_moe": ("qwen3_moe", {"tie_word_embeddings": False, "head_dim": 24, "num_experts": 4,
                                 "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True}),
+    "qwen2_moe": ("qwen2_moe", {"tie_word_embeddings": False, "num_experts": 4, "num_experts_per_tok": 2,
+                                "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48}),
 }
-LAYOUTS = {"llama": "tp2", "qwen3": "tp2", "qwen3_moe": "ep2"}
-FLAGS = {"tp1": [], "tp2": ["--tp", "2"], "ep2": ["--ep", "2"]}
+LAYOUTS = [("llama", "tp2"), ("llama", "pp2"), ("qwen3", "tp2"), ("qwen3_moe", "ep2"), ("qwen2_moe", "etp2")]
+FLAGS = {"tp1": [], "tp2": ["--tp", "2"], "pp2": ["--pp", "2"], "ep2": ["--ep", "2"],
+         "etp2": ["--tp", "2", "--etp", "2"]}
+LOADED_AT = {"tp1": {}, "tp2": {"tp": 2, "sequence_parallel": True}, "pp2": {}, "ep2": {"ep": 2},
+             "etp2": {"tp": 2, "sequence_parallel": True, "etp": 2}}  # ParallelConfig of the logits check
 TOKENIZER_FILE = "tokenizer_config.json"  # written beside qwen3's config.json: copied to the output
+SAVED_DTYPES = {"qwen3": "bfloat16"}  # the others: float32
 
 
 def write_hf_models(work_dir: Path) -> None:
     """WORK_DIR/hf/<model>: each model of MODELS, every parameter drawn from a seeded generator (norm
-    weights 1 + 0.2 N(0, 1), matrices N(0, 1) / sqrt(fan-in)), saved with save_pretrained (fp32)."""
+    weights 1 + 0.2 N(0, 1), matrices N(0, 1) / sqrt(fan-in)), saved with save_pretrained in fp32,
+    Qwen3 in bf16 (its config's dtype: the conversion back writes bf16)."""
     generator = torch.Generator().manual_seed(SEED)
     for name, (model_type, fields) in MODELS.items():
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **COMMON, **fields))
@@ -75,7 +84,7 @@ def write_hf_models(work_dir: Path) -> None:
             for param_name, param in model.named_parameters():
                 noise = torch.randn(param.shape, generator=generator)
                 param.copy_(1 + 0.2 * noise if param_name.endswith("norm.weight") else noise / param.shape[-1] ** 0.5)
-        model.save_pretrained(work_dir / "hf" / name)
+        model.to(getattr(torch, SAVED_DTYPES.get(name, "float32"))).save_pretrained(work_dir / "hf" / name)
     (work_dir / "hf" / "qwen3" / TOKENIZER_FILE).write_text('{"model_max_length": 64}\n')
 
 
@@ -90,15 +99,16 @@ def convert(*args: str) -> None:
 
 
 def hf_logits(path: Path) -> torch.Tensor:
+    """transformers' logits, in fp32 (a bf16 checkpoint's weights upcast exactly, as the learner's are)."""
     with torch.no_grad():
-        return AutoModelForCausalLM.from_pretrained(path).eval()(tokens()).logits
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(tokens()).logits
 
 
 def megatron_logits(hf_dir: Path, checkpoint: Path, layout: str) -> tuple[torch.Tensor, dict, dict]:
-    """Logits [b, s, vocab] of the checkpoint loaded at `layout` (every rank), its RL state and recorded layout."""
+    """Logits [b, s, vocab] of the checkpoint loaded at LOADED_AT[layout] (every rank), its RL state and
+    recorded layout."""
     model = ModelConfig(**model_config_from_hf(read_hf_config(hf_dir)))
-    sizes = {"tp1": {}, "tp2": {"tp": 2, "sequence_parallel": True}, "ep2": {"ep": 2}}[layout]
-    parallel = ParallelConfig(**sizes, world_size=dist.get_world_size())
+    parallel = ParallelConfig(**LOADED_AT[layout], world_size=dist.get_world_size())
     initialize_parallel(parallel, seed=SEED)
     try:
         chunks = build_model_chunks(model, parallel)
@@ -124,7 +134,7 @@ def check_hf_to_megatron(work_dir: Path, model: str, layout: str, *extra: str) -
 
 
 def check_megatron_to_hf(work_dir: Path, model: str, source: str, layout: str) -> dict:
-    hf_dir, out = work_dir / "hf" / model, work_dir / "hf_out" / f"{source}_{model}"
+    hf_dir, out = work_dir / "hf" / model, work_dir / "hf_out" / f"{source}_{model}_at_{layout}"
     convert("megatron-to-hf", work_dir / "megatron" / f"{source}_{model}", out, "--hf-config", hf_dir,
             *FLAGS[layout])
     if dist.get_rank() != 0:
@@ -150,10 +160,10 @@ def one_rank(work_dir: Path) -> dict:
 
 def two_ranks(work_dir: Path) -> dict:
     out = {}
-    for model, layout in LAYOUTS.items():
+    for model, layout in LAYOUTS:
         out[f"{layout}_{model}"] = check_hf_to_megatron(work_dir, model, layout)
         for source in (layout, "tp1"):
-            out[f"hf_out/{source}_{model}"] = check_megatron_to_hf(work_dir, model, source, layout)
+            out[f"hf_out/{source}_{model}_at_{layout}"] = check_megatron_to_hf(work_dir, model, source, layout)
     return out
 
 

@@ -1,16 +1,17 @@
 """megatron-rl convert: Hugging Face safetensors <-> Megatron dist checkpoints, on one rank and on two.
 
-Tiny random Llama (tied embeddings), Qwen3 (q/k norms, head_dim 24 != hidden / heads, untied) and
-Qwen3-MoE (4 experts, top 2) from transformers configs, fp32 (convert_worker.write_hf_models). Two
-torchrun launches run the real command (see convert_worker.py): one rank converts each model at TP1;
-two ranks convert each at TP2 (dense) / EP2 (MoE), and convert back to HF at that layout both that
-checkpoint and the TP1 one.
+Tiny random Llama (tied embeddings), Qwen3 (q/k norms, head_dim 24 != hidden / heads, untied, saved in
+bf16), Qwen3-MoE (4 experts, top 2) and Qwen2-MoE (q/k/v biases, a gated shared expert, softmax before
+the top k) from transformers configs (convert_worker.write_hf_models; the learner is fp32). Two torchrun
+launches run the real command (see convert_worker.py): one rank converts each model at TP1; two ranks
+convert Llama at TP2 and at PP2, Qwen3 at TP2, Qwen3-MoE at EP2 and Qwen2-MoE at TP2 x expert-TP2, and
+convert back to HF at that layout both that checkpoint and the TP1 one.
 
-- HF -> Megatron: loaded at its layout, the checkpoint scores tokens like transformers within 1e-5; it is
-  step 0 with an empty RL state, and records its layout.
-- Megatron -> HF: every tensor is bitwise the original's (names, dtype, shape, values); config.json, the
-  generation config and the tokenizer file are copied; transformers loads it and scores bitwise like the
-  original.
+- HF -> Megatron: loaded at its layout, the checkpoint scores tokens like transformers (fp32) within 1e-5;
+  it is step 0 with an empty RL state, and records its layout.
+- Megatron -> HF: every tensor is bitwise the original's (names, dtype, shape, values: the bf16 model is
+  written in bf16, its config's dtype); config.json, the generation config and the tokenizer file are
+  copied; transformers loads it and scores bitwise like the original.
 - Refusals, run in this process (they come before any process group): an output directory that exists,
   a layout that does not divide the model (or the job), an HF config of another model; each named, with
   nothing written.
@@ -35,6 +36,8 @@ TOOLS = Path(__file__).parents[2] / "tools"
 LOGIT_TOLERANCE = 1e-5
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID")
 CONVERSIONS = {"one_rank": len(MODELS), "two_ranks": 3 * len(LAYOUTS)}  # launch: conversions it runs
+RECORDED = {"tp1": (1, 1, 1, 1, 1), "tp2": (2, 2, 1, 1, 1), "pp2": (2, 1, 2, 1, 1), "ep2": (2, 1, 1, 2, 1),
+            "etp2": (2, 2, 1, 1, 2)}  # layout: world_size, tp, pp, ep, etp
 
 
 def torchrun(nproc: int, work_dir: Path, launch: str) -> str:
@@ -64,23 +67,21 @@ def runs(work_dir):
 @pytest.mark.distributed
 def test_megatron_checkpoints_score_like_transformers(runs):
     results, _ = runs
-    for name in [f"tp1_{model}" for model in MODELS] + [f"{layout}_{model}" for model, layout in LAYOUTS.items()]:
-        got = results[name]
-        print(f"{name}: max |logit diff| = {got['logit_diff']:.2e}")
-        assert got["logit_diff"] <= LOGIT_TOLERANCE, name
-        assert got["rl_state"] == {"step": 0}, name
-        layout = name.split("_")[0]
-        assert {key: got["recorded_layout"][key] for key in ("world_size", "tp", "ep")} == {
-            "tp1": {"world_size": 1, "tp": 1, "ep": 1}, "tp2": {"world_size": 2, "tp": 2, "ep": 1},
-            "ep2": {"world_size": 2, "tp": 1, "ep": 2}}[layout], name
+    for model, layout in [(model, "tp1") for model in MODELS] + LAYOUTS:
+        got = results[f"{layout}_{model}"]
+        print(f"{model} at {layout}: max |logit diff| = {got['logit_diff']:.2e}")
+        assert got["logit_diff"] <= LOGIT_TOLERANCE, (model, layout)
+        assert got["rl_state"] == {"step": 0}, (model, layout)
+        recorded = got["recorded_layout"]
+        assert tuple(recorded[key] for key in ("world_size", "tp", "pp", "ep", "etp")) == RECORDED[layout]
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("source", ["layout", "tp1"])
-@pytest.mark.parametrize("model", MODELS)
-def test_round_trip_is_bitwise_and_loads_in_transformers(runs, model, source):
+@pytest.mark.parametrize("from_tp1", [False, True])
+@pytest.mark.parametrize("model, layout", LAYOUTS)
+def test_round_trip_is_bitwise_and_loads_in_transformers(runs, model, layout, from_tp1):
     results, _ = runs
-    got = results[f"hf_out/{LAYOUTS[model] if source == 'layout' else 'tp1'}_{model}"]
+    got = results[f"hf_out/{'tp1' if from_tp1 else layout}_{model}_at_{layout}"]
     assert got["unequal"] == [] and got["same_names"] and got["tensors"] > 0
     assert got["same_other_files"] and got["transformers_equal"]
     expected_files = {"config.json", "generation_config.json", "model.safetensors"}
@@ -93,9 +94,9 @@ def test_outputs_replace_and_leave_nothing_behind(runs, work_dir):
     assert "stale" not in {path.name for path in (work_dir / "megatron" / "tp1_llama").iterdir()}
     assert results["tp1_llama"]["logit_diff"] <= LOGIT_TOLERANCE  # the --overwrite conversion
     megatron = sorted(path.name for path in (work_dir / "megatron").iterdir())
-    assert megatron == sorted([f"tp1_{model}" for model in MODELS] + [f"{LAYOUTS[m]}_{m}" for m in MODELS])
+    assert megatron == sorted([f"tp1_{model}" for model in MODELS] + [f"{layout}_{model}" for model, layout in LAYOUTS])
     assert sorted(path.name for path in (work_dir / "hf_out").iterdir()) == sorted(
-        f"{source}_{model}" for model in MODELS for source in (LAYOUTS[model], "tp1"))
+        f"{source}_{model}_at_{layout}" for model, layout in LAYOUTS for source in (layout, "tp1"))
 
 
 @pytest.mark.distributed
