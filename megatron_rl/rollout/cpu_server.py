@@ -15,7 +15,8 @@ the batch polls the scheduler, which can abort it or hold it:
                                        the next step, and the batch's other requests start over (with a
                                        sampling_seed, the same tokens again).
 Weights change only while no batch computes: /begin_weight_update waits for the running batch to
-finish (or be held) and starts none until /end_weight_update. /update_weights_from_distributed and
+finish (or be held) and starts none until /end_weight_update (begin is idempotent, so a restarted
+trainer can reopen its session; end without a session is a 400). /update_weights_from_distributed and
 /update_weights_from_tensor must run inside that session (SGLang 0.5.23's rule, 400 otherwise);
 /update_weights_from_disk may run outside one, as in SGLang (it is one call: it waits for the running
 batch, loads, and generation goes on). Every update receives or reads all tensors first and copies them
@@ -29,6 +30,10 @@ only. With a token, `Authorization: Bearer <token>` is required by every admin e
 pause, abort, flush), and by /generate, /get_weight_version and /get_model_info too when bound to a
 non-loopback address; /health and /health_generate are open, as in SGLang. 401: no token, 403: a wrong
 one. /update_weights_from_tensor takes a base64 safetensors file, never SGLang's pickle.
+
+Not implemented: text prompts, streaming, prompt logprobs, top logprobs, n > 1, a prefix cache
+(/flush_cache answers 200 with nothing to flush), aborting a request whose client disconnected.
+A /health_generate while generation is paused answers 503 at once.
 """
 
 import base64
@@ -178,13 +183,11 @@ class Scheduler:
             self._cond.notify_all()
 
     def begin_session(self) -> bool:
-        """Open the weight-update session once no batch computes; False if one is open already."""
+        """Open the weight-update session (False if it was open already); returns once no batch computes."""
         with self._cond:
-            if self.session:
-                return False
-            self.session = True
+            opened, self.session = not self.session, True
             self._cond.wait_for(lambda: not self._computing)
-            return True
+            return opened
 
     def end_session(self) -> bool:
         with self._cond:
@@ -494,9 +497,9 @@ class Server:
 
     def begin_weight_update(self, body: dict) -> dict:
         _fields(body, {}, {"selector": ("any", None)})
-        if not self.scheduler.begin_session():
-            raise HTTPError(400, "a weight update session is open already: call /end_weight_update first")
-        return {"success": True, "message": "Weight update session begun: no batch runs until end_weight_update."}
+        opened = self.scheduler.begin_session()  # idempotent: a restarted trainer may find its session open
+        return {"success": True, "message": "Weight update session " + ("begun" if opened else "was open already")
+                + ": no batch runs until end_weight_update."}
 
     def end_weight_update(self, body: dict) -> dict:
         _fields(body, {}, {})

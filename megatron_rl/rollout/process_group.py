@@ -14,7 +14,8 @@ group rank -> "global" rank, so `dist.broadcast(t, src=0, group=pg)` names rank 
 Because the construction is the same, either side may be ours or SGLang's.
 
 backend: "gloo" (CPU tensors) or "nccl" (CUDA tensors); the caller chooses, nothing here falls
-back from one to the other.
+back from one to the other. Give every new group a fresh port: rank 0's store of a destroyed group
+may still hold the old one for a moment.
 """
 
 from datetime import timedelta

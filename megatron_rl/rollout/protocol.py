@@ -110,7 +110,7 @@ class EngineClient:
             output_ids = [int(t) for t in answer["output_ids"]]
             logprobs = None
             if return_logprob:
-                entries = meta["output_token_logprobs"]
+                entries = meta.get("output_token_logprobs") or []  # absent when aborted before any token
                 if [int(entry[1]) for entry in entries] != output_ids:
                     raise ValueError("output_token_logprobs token ids differ from output_ids")
                 logprobs = [float(entry[0]) for entry in entries]
@@ -144,6 +144,8 @@ class EngineClient:
 
     def abort_request(self, rid: str | None = None, abort_all: bool = False) -> None:
         """End request `rid` (or every request) with finish_reason abort."""
+        if not rid and not abort_all:
+            raise ValueError("abort_request needs a rid or abort_all=True")
         self._call("POST", "/abort_request", {"rid": rid or "", "abort_all": abort_all})
 
     # --- weights ---------------------------------------------------------------------------------------

@@ -353,8 +353,12 @@ def test_updates_need_a_session_and_change_nothing_without_one(client, base, wei
         with pytest.raises(EngineError, match="begin_weight_update") as error:
             client.update_weights_from_tensor(tensors, weight_version="never")
         assert error.value.status == 400
+        client.begin_weight_update()
+        client.begin_weight_update()  # idempotent: one end closes the session
+        client.end_weight_update()
         with pytest.raises(EngineError, match="no weight update session") as error:
             client.end_weight_update()
+        assert error.value.status == 400
     assert_serves(client, base, version)
 
 
