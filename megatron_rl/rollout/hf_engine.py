@@ -137,27 +137,33 @@ class _RowSampler:
         self.top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params])
         self.top_p = torch.tensor([float(p.top_p) for p in params])
         self.generators = [None if p.temperature < GREEDY_BELOW else _generator(p.sampling_seed) for p in params]
+        self.vocab_size = vocab_size
+        self._summarise()
+
+    def _summarise(self) -> None:
+        self.samples = not bool(self.greedy.all())
+        self.filters = bool((self.top_k < self.vocab_size).any() or (self.top_p < 1).any())
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (indices into the current rows)."""
         self.greedy, self.temperature = self.greedy[rows], self.temperature[rows]
         self.top_k, self.top_p = self.top_k[rows], self.top_p[rows]
         self.generators = [self.generators[row] for row in rows.tolist()]
+        self._summarise()
 
     def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next tokens [b] and their logprobs [b] from float32 logits [b, V]."""
         logprobs = torch.log_softmax(logits / self.temperature[:, None], dim=-1)
         tokens = logits.argmax(dim=-1)
-        if not self.greedy.all():
-            sampled = self._race(self._filtered(logprobs.exp()))
+        if self.samples:
+            probs = logprobs.exp()
+            sampled = self._race(self._filtered(probs) if self.filters else probs)
             tokens = torch.where(self.greedy, tokens, sampled)
         return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
     def _filtered(self, probs: torch.Tensor) -> torch.Tensor:
         """probs with tokens outside each row's top-k and top-p set to 0 (not renormalised)."""
         vocab_size = probs.shape[-1]
-        if bool((self.top_k >= vocab_size).all() and (self.top_p >= 1).all()):
-            return probs
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         rank = torch.arange(vocab_size)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
@@ -268,9 +274,9 @@ class HFGenerator:
 
         out_ids = torch.zeros(batch, int(max_new.max()), dtype=torch.long)
         out_logprobs = torch.zeros(batch, int(max_new.max()), dtype=torch.float32)
-        written = torch.zeros(batch, dtype=torch.long)  # output tokens per row
         finish: list[dict | None] = [None] * batch
-        running = torch.arange(batch)  # the chunk rows still in the batch, in batch order
+        lengths = [0] * batch
+        running = torch.arange(batch)  # the chunk rows still in the batch; the per-row tensors follow it
         cache = DynamicCache(config=self.model.config)
         logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                             position_ids=position_ids.to(self.device), past_key_values=cache, use_cache=True,
@@ -278,32 +284,33 @@ class HFGenerator:
         for step in range(int(max_new.max())):
             tokens, logprobs = sampler(logits)
             out_ids[running, step], out_logprobs[running, step] = tokens, logprobs
-            written[running] += 1
-            stopped = (tokens[:, None] == stop_table[running]).any(dim=-1)
-            done = stopped | (step + 1 >= max_new[running])
-            for row, token, was_stop in zip(running[done].tolist(), tokens[done].tolist(), stopped[done].tolist(),
-                                            strict=True):
-                finish[row] = ({"type": "stop", "matched": token} if was_stop
-                               else {"type": "length", "length": step + 1})
-            if bool(done.all()):
-                break
-            if aborted():
-                for row in running.tolist():
-                    finish[row] = {"type": "abort", "message": ABORT_MESSAGE}
-                break
+            stopped = (tokens[:, None] == stop_table).any(dim=-1)
+            done = stopped | (max_new == step + 1)
             if bool(done.any()):
+                for row, token, was_stop in zip(running[done].tolist(), tokens[done].tolist(),
+                                                stopped[done].tolist(), strict=True):
+                    finish[row] = ({"type": "stop", "matched": token} if was_stop
+                                   else {"type": "length", "length": step + 1})
+                    lengths[row] = step + 1
                 keep = (~done).nonzero().squeeze(-1)
+                if len(keep) == 0:
+                    break
                 cache.batch_select_indices(keep.to(self.device))
                 sampler.keep(keep)
                 running, tokens, attention_mask = running[keep], tokens[keep], attention_mask[keep]
+                stop_table, max_new, next_position = stop_table[keep], max_new[keep], next_position[keep]
+            if aborted():
+                for row in running.tolist():
+                    finish[row], lengths[row] = {"type": "abort", "message": ABORT_MESSAGE}, step + 1
+                break
             attention_mask = torch.cat([attention_mask, torch.ones(len(running), 1, dtype=torch.long)], dim=1)
             logits = self.model(input_ids=tokens[:, None].to(self.device),
                                 attention_mask=attention_mask.to(self.device),
-                                position_ids=(next_position[running] + step)[:, None].to(self.device),
+                                position_ids=(next_position + step)[:, None].to(self.device),
                                 past_key_values=cache, use_cache=True).logits[:, -1].float().cpu()
 
         return [Completion(out_ids[row, :n].tolist(), out_logprobs[row, :n].tolist(), finish[row])
-                for row, n in enumerate(written.tolist())]
+                for row, n in enumerate(lengths)]
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
