@@ -7,26 +7,28 @@
     convert_megatron_to_hf(ckpt_dir, out_dir, hf_config=hf_dir, ep=2)  # collective; rank 0 writes
 
 The job's processes are the layout (tp, pp, ep, etp; data-parallel replicas if there are more) or one
-process. Everything that can be refused is refused before a process group exists, alike on every rank:
-an HF config the mapping does not support (models.hf_config), a layout that does not divide the model
-(the run configuration's rules), an output directory that exists (unless overwrite), and for
-megatron-to-hf an HF config that describes another model than the checkpoint (the differing fields
-named).
+process. What can be refused without reading weights is refused before a process group exists, alike
+on every rank: an HF config the mapping does not support (models.hf_config), a layout that does not
+divide the model (the run configuration's rules) or the job, an output directory that exists (unless
+overwrite), a checkpoint that is missing or incomplete, and for megatron-to-hf an HF config that
+describes another model than the checkpoint (the differing fields named). HF tensors that are missing,
+unexpected or misshapen are named by hf_to_megatron's ValueError.
 
 hf-to-megatron: the model config is derived from HF_DIR/config.json, nothing is written by hand. Each
 rank builds its shard of the model uninitialised and walks the mapping (models.hf_mapping.hf_to_megatron)
 one Megatron tensor at a time, reading from the memory-mapped safetensors only the HF tensors of the
-parameters it holds (the others stand in as shape-only meta tensors); it cuts its slice
-(learner.full_weights.shard_of) and copies it in. So a rank holds its shard plus one full tensor, and
-reads what its layout gives it. The output is learner.checkpoint's format: step 0, weights only (no
-optimizer, no scheduler, an empty RL state), the model config recorded with model.hf_path = HF_DIR;
-load_checkpoint reads it at any layout.
+parameters it holds (the others stand in as shape-only meta tensors), i.e. its pipeline stage's and
+its experts' tensors, each whole; it cuts its slice (learner.full_weights.shard_of) and copies it in. So
+a rank holds its shard of the model plus one full tensor at a time. The output is learner.checkpoint's
+format: step 0, weights only (no optimizer, no scheduler, an empty RL state), the model config
+recorded with model.hf_path = HF_DIR; load_checkpoint reads it at any layout.
 
 megatron-to-hf: the checkpoint is loaded at the job's layout (dist_checkpointing reshards), streamed to
 rank 0 one full parameter at a time (learner.export.full_parameters), mapped to HF names
 (megatron_to_hf), cast to the HF config's `dtype` (float32 when absent) and written as sharded
 safetensors (models.hf_checkpoint.write_safetensors) with the given config.json and the tokenizer and
-generation files found beside it. Rank 0 holds one full parameter and at most one output shard.
+generation files found beside it. Besides its shard of the model, rank 0 holds one full parameter and
+at most one output file's tensors.
 
 Both write into a hidden sibling `.OUT_DIR.partial` and rename it to OUT_DIR at the end: a failed
 conversion leaves no OUT_DIR (rank 0 removes the partial one; a killed job's is removed by the next

@@ -13,8 +13,8 @@ convert back to HF at that layout both that checkpoint and the TP1 one.
   written in bf16, its config's dtype); config.json, the generation config and the tokenizer file are
   copied; transformers loads it and scores bitwise like the original.
 - Refusals, run in this process (they come before any process group): an output directory that exists,
-  a layout that does not divide the model (or the job), an HF config of another model; each named, with
-  nothing written.
+  a layout that does not divide the model (or the job), an HF config of another model, no such checkpoint;
+  each named, with nothing written.
 """
 
 import json
@@ -153,7 +153,7 @@ def test_a_layout_that_does_not_divide_the_model_is_refused(work_dir, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_hf_config_of_another_model_is_refused(runs, work_dir, tmp_path, capsys, one_process):
+def test_another_model_or_no_checkpoint_is_refused(runs, work_dir, tmp_path, capsys, one_process):
     checkpoint, out = work_dir / "megatron" / "tp1_qwen3", tmp_path / "out"
     config = json.loads((work_dir / "hf" / "qwen3" / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3, "rms_norm_eps": 1e-5}))
@@ -165,6 +165,11 @@ def test_an_hf_config_of_another_model_is_refused(runs, work_dir, tmp_path, caps
     assert "model.kv_channels (checkpoint 24, HF config 16)" in message
     assert "model.qk_layernorm (checkpoint True, HF config False)" in message
     assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json"]
+    message = refused(capsys, "megatron-to-hf", tmp_path / "absent", out, "--hf-config", work_dir / "hf" / "qwen3")
+    assert message == f"convert megatron-to-hf: checkpoint directory {tmp_path / 'absent'} does not exist\n"
+    message = refused(capsys, "megatron-to-hf", checkpoint, out, "--hf-config", work_dir / "hf" / "qwen3",
+                      "--step", "5")
+    assert message == f"convert megatron-to-hf: no checkpoint for step 5 in {checkpoint} (checkpoints on disk: [0])\n"
 
 
 def test_unsupported_hf_configs_are_refused_by_name(work_dir, tmp_path, capsys, one_process):
