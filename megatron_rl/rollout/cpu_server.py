@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -749,11 +750,13 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = socket.SOMAXCONN  # the default backlog of 5 resets connections beyond a few at once
+
+
 def make_http_server(app: Server, host: str, port: int) -> ThreadingHTTPServer:
-    handler = type("Handler", (_Handler,), {"app": app})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return _HTTPServer((host, port), type("Handler", (_Handler,), {"app": app}))
 
 
 def is_loopback(host: str) -> bool:

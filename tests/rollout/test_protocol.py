@@ -266,10 +266,11 @@ def test_stop_token_and_length_finish_reasons(client, base):
 
 
 def test_concurrent_clients_are_batched_and_answered_exactly(client, base, server):
-    joins = [in_thread(client.generate, PROMPTS[i % 4], {**GREEDY, "max_new_tokens": 24}, rid=f"c{i}")
-             for i in range(8)]
+    clients = 64  # as many connections at once as a fleet opens per engine
+    joins = [in_thread(client.generate, PROMPTS[i % 4], {**GREEDY, "max_new_tokens": 8}, rid=f"c{i}")
+             for i in range(clients)]
     generations = [join() for join in joins]
-    assert [g.rid for g in generations] == [f"c{i}" for i in range(8)]
+    assert [g.rid for g in generations] == [f"c{i}" for i in range(clients)]
     for generation in generations:
         assert_greedy(base, generation)
     if server.process is not None:  # our server logs one line per batch
