@@ -79,8 +79,8 @@ def _check(params: SamplingParams) -> None:
         "top_p": (_is_number(params.top_p) and 0 < params.top_p <= 1, "a number in (0, 1]"),
         "top_k": (_is_int(params.top_k) and (params.top_k == -1 or params.top_k >= 1), "-1 (off) or an integer >= 1"),
         "max_new_tokens": (_is_int(params.max_new_tokens) and params.max_new_tokens >= 0, "an integer >= 0"),
-        "stop_token_ids": (params.stop_token_ids is None or isinstance(params.stop_token_ids, list | tuple)
-                           and all(_is_int(t) and t >= 0 for t in params.stop_token_ids),
+        "stop_token_ids": (params.stop_token_ids is None or (isinstance(params.stop_token_ids, list | tuple)
+                           and all(_is_int(t) and t >= 0 for t in params.stop_token_ids)),
                            "a list of token ids (integers >= 0) or null"),
         "ignore_eos": (isinstance(params.ignore_eos, bool), "true or false"),
         "sampling_seed": (params.sampling_seed is None or _is_int(params.sampling_seed), "an integer or null"),
