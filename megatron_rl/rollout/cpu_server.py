@@ -785,9 +785,15 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 30000, token: st
         return _refuse(f"--dtype: expected float32 or bfloat16, got {dtype!r}")
     if threads:
         torch.set_num_threads(threads)
-    model = load_hf_model(model_path, DTYPES[dtype])
-    app = Server(HFGenerator(model, eos_token_ids(model), max_batch_size), model_path, token, is_loopback(host))
-    http_server = make_http_server(app, host, port)
+    try:
+        model = load_hf_model(model_path, DTYPES[dtype])
+        app = Server(HFGenerator(model, eos_token_ids(model), max_batch_size), model_path, token, is_loopback(host))
+    except (OSError, ValueError) as exc:  # no checkpoint there, a bad --max-batch-size
+        return _refuse(str(exc))
+    try:
+        http_server = make_http_server(app, host, port)
+    except OSError as exc:
+        return _refuse(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     app.scheduler.start()
 
     def shut_down(signum, frame):

@@ -425,7 +425,7 @@ def test_generate_needs_the_token_when_bound_beyond_loopback(base):
 
 
 @ours_only
-def test_the_server_binds_loopback_and_refuses_to_run_open(server, checkpoint, monkeypatch, capsys):
+def test_the_server_binds_loopback_and_refuses_to_start_wrongly(server, checkpoint, monkeypatch, capsys):
     from megatron_rl.rollout.cpu_server import EXIT_USAGE, serve
 
     assert build_parser().parse_args(["serve", "--model-path", checkpoint]).host == "127.0.0.1"
@@ -445,6 +445,10 @@ def test_the_server_binds_loopback_and_refuses_to_run_open(server, checkpoint, m
     assert "no token" in capsys.readouterr().err
     assert serve(checkpoint, host="0.0.0.0", no_token=True) == EXIT_USAGE
     assert "loopback" in capsys.readouterr().err
+    assert serve("/no/such/checkpoint", token="t") == EXIT_USAGE
+    assert "not a directory" in capsys.readouterr().err
+    assert serve(checkpoint, token="t", port=int(server.url.rsplit(":", 1)[1])) == EXIT_USAGE  # taken: the server's
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
 
 
 # --- pause, continue, abort -------------------------------------------------------------------------------
