@@ -6,8 +6,8 @@ one learner rank (rank 0) with every engine rank (ranks 1..world_size-1, engine 
 `rank_offset + tp_rank`), without touching either default group.
 
 It is built the way SGLang 0.5.x builds its weight-update group (its `init_custom_process_group`,
-itself taken from PyTorch's `init_process_group`): a TCPStore rendezvous at `init_method`
-(`tcp://host:port`, the store is hosted by rank 0), a `PrefixStore(group_name, store)` so several
+itself taken from PyTorch's `init_process_group`): a TCPStore at `init_method` (`tcp://host:port`,
+hosted by rank 0), a `PrefixStore(group_name, store)` so several
 groups can share a port's store without key clashes, then `_new_process_group_helper` with an
 empty global-rank list (the way the default group itself is made) and the identity map
 group rank -> "global" rank, so `dist.broadcast(t, src=0, group=pg)` names rank 0 of this group.
@@ -18,6 +18,7 @@ back from one to the other. Give every new group a fresh port: rank 0's store of
 may still hold the old one for a moment.
 """
 
+import urllib.parse
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -42,13 +43,25 @@ def init_custom_process_group(backend: str, init_method: str, world_size: int, r
         raise ValueError("group_name must be a non-empty string")
     if group_name in c10d._world.pg_names.values():
         raise ValueError(f"a process group named {group_name!r} already exists in this process")
-    store, rank, world_size = next(c10d.rendezvous(init_method, rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    store = _tcp_store(init_method, rank, world_size, timeout)
     group, _ = c10d._new_process_group_helper(
         world_size, rank, [], c10d.Backend(backend), c10d.PrefixStore(group_name, store),
         group_name=group_name, timeout=timeout)
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
+
+
+def _tcp_store(init_method: str, rank: int, world_size: int, timeout: timedelta) -> dist.TCPStore:
+    """The rendezvous store at tcp://host:port, hosted by rank 0.
+
+    Made directly rather than through c10d.rendezvous: under torchrun (TORCHELASTIC_USE_AGENT_STORE=True)
+    rendezvous makes rank 0 a client of the launcher's store instead of the host of this one, and then no
+    process listens at host:port. The wire protocol is the same, so SGLang's side (which joins through
+    rendezvous as a client) connects to it as before."""
+    parsed = urllib.parse.urlsplit(init_method)
+    if parsed.scheme != "tcp" or not parsed.hostname or not parsed.port:
+        raise ValueError(f"init_method must look like tcp://host:port, got {init_method!r}")
+    return dist.TCPStore(parsed.hostname, parsed.port, world_size, is_master=rank == 0, timeout=timeout)
 
 
 def destroy_custom_process_group(group: dist.ProcessGroup) -> None:

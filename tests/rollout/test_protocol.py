@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -317,14 +318,22 @@ def weight_group(client):
     port, name = free_port(), "protocol-test"
     joined = in_thread(client.init_weights_update_group, master_address="127.0.0.1", master_port=port,
                        rank_offset=1, world_size=2, group_name=name, backend="gloo")
-    group = init_custom_process_group("gloo", f"tcp://127.0.0.1:{port}", 2, 0, name)
+    group = init_custom_process_group("gloo", f"tcp://127.0.0.1:{port}", 2, 0, name, timeout=timedelta(seconds=60))
     joined()
     yield name, group
     client.destroy_weights_update_group(name)
     destroy_custom_process_group(group)
 
 
-def test_update_from_distributed(client, base, weight_group, restore):
+@pytest.fixture
+def learner_under_torchrun(monkeypatch):
+    """What torchrun sets in a learner rank: c10d's tcp:// rendezvous would then join torchrun's store as a
+    client, and no one would host the weight-update group's store."""
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+
+
+def test_update_from_distributed(client, base, learner_under_torchrun, weight_group, restore):
     name, group = weight_group
     new = perturbed(base, seed=3)
     # one tensor travels as bfloat16 (its `dtypes` entry says so); the server casts it to its own dtype
