@@ -1,5 +1,6 @@
 """The configured rollout engines: one `Engine` (client + process + routing state) per rollout.engines entry."""
 
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,10 @@ def launch_engines(rollout: RolloutConfig, model_path: str, log_dir: str | Path,
         client = EngineClient(f"http://{spec.host}:{spec.port}", token=token, timeout=rollout.request_timeout)
         process = None
         if spec.launch:
+            if _listening(spec.host, spec.port):
+                raise EngineStartError(f"rollout.engines[{index}]: something already listens on "
+                                       f"{spec.host}:{spec.port} (a server left from another run?); stop it, choose "
+                                       "another port, or set launch: false to use it as the engine")
             command = (cpu_server_command(spec, model_path) if spec.kind == "cpu"
                        else sglang_server_command(spec, model_path, token))
             process = ServerProcess(command, token, Path(log_dir) / f"engine{index}.log")
@@ -47,3 +52,9 @@ def launch_engines(rollout: RolloutConfig, model_path: str, log_dir: str | Path,
         elif not engine.client.health_generate():
             raise EngineStartError(f"engine {engine.url} (launch: false) does not answer /health_generate")
     return engines
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, port)) == 0

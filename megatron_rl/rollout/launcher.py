@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 from megatron_rl.config.sections import EngineSpec
+from megatron_rl.rollout.cpu_server import TOKEN_ENV
 from megatron_rl.rollout.protocol import EngineClient
-
-SERVER_TOKEN_ENV = "MEGATRON_RL_SERVE_TOKEN"  # read by `megatron-rl serve`
 
 
 class EngineStartError(RuntimeError):
@@ -38,7 +37,7 @@ class ServerProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, SERVER_TOKEN_ENV: self.token}
+        env = {**os.environ, TOKEN_ENV: self.token}
         with open(self.log_path, "ab") as log:
             log.write(f"--- start: {' '.join(self.command)}\n".encode())
             self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,

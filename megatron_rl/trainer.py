@@ -1,0 +1,344 @@
+"""The RL loop, readable top to bottom.
+
+    torchrun --nproc-per-node 2 -m megatron_rl.cli train configs/quickstart.yaml
+
+Every learner rank runs `Trainer(cfg).fit()`. Rank 0 is also the driver: it owns the prompt
+sampler, the rollout fleet, the rewards, the weight push and the metrics; the other ranks receive
+each step's samples from it. One step:
+
+    rollout    driver: prompts -> fleet.generate (n per prompt) -> rewards -> GRPO-style advantages
+               (async: the batch of step k+1 is generated while step k trains; samples older than
+               rollout.max_staleness weight versions are dropped and counted)
+    train      all ranks: pi_old log-probs recomputed (forward only), then data.num_mini_batches
+               optimizer steps of the policy loss (mini-batch k is k-1 updates off-policy)
+    sync       all ranks gather the full weights to rank 0 (learner.export), which maps them to
+               HF names and pushes them to every engine as weight version step + 1
+    log        rollout/*, train/*, mismatch/*, perf/*, sync/* to JSONL / wandb / the console
+    checkpoint every checkpoint.save_interval steps: model, optimizer, sampler cursor, weight version
+"""
+
+import logging
+import os
+import secrets
+import signal
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.algorithms.advantages import compute_advantages
+from megatron_rl.algorithms.aggregation import GlobalCounts
+from megatron_rl.config import ConfigError, RunConfig, config_from_dict
+from megatron_rl.data.buffer import Group, RolloutBuffer, version_number
+from megatron_rl.data.datasets import PromptSampler, load_prompts
+from megatron_rl.data.rewards import RewardComputer, load_reward_fn
+from megatron_rl.learner.batching import RolloutSample, collate, plan_micro_batches
+from megatron_rl.learner.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from megatron_rl.learner.export import full_parameters
+from megatron_rl.learner.full_weights import load_full_state
+from megatron_rl.learner.model import build_model_chunks, use_transformer_engine
+from megatron_rl.learner.optimizer import build_optimizer, wrap_data_parallel
+from megatron_rl.learner.step import PolicyLearner, shard_for_context_parallel
+from megatron_rl.models.hf_checkpoint import SafetensorsCheckpoint, read_hf_config
+from megatron_rl.models.hf_mapping import hf_to_megatron, megatron_to_hf, model_config_from_hf
+from megatron_rl.parallel.state import initialize_parallel
+from megatron_rl.rollout.engines import launch_engines
+from megatron_rl.rollout.fleet import Fleet
+from megatron_rl.rollout.weight_sync import WeightSync
+from megatron_rl.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        if cfg.model.hf_path is None:
+            raise ValueError("model.hf_path must name the initial HF checkpoint: the engines serve it and the "
+                             "learner starts from it (the quickstart writes one with `megatron-rl toy-task`)")
+        self.cfg = cfg
+        initialize_parallel(cfg.parallel, seed=cfg.data.seed)
+        self.is_driver = dist.get_rank() == 0
+        self.run_dir = Path(cfg.tracking.dir) / (cfg.tracking.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
+        self.total_steps = cfg.data.train_steps
+
+        # learner: every rank
+        self.chunks = build_model_chunks(cfg.model, cfg.parallel)
+        load_full_state(self.chunks, dict(hf_to_megatron(SafetensorsCheckpoint(cfg.model.hf_path), cfg.model,
+                                                         te_names=use_transformer_engine())))
+        self.model = wrap_data_parallel(self.chunks, cfg.optimizer)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optimizer,
+                                                         total_steps=self.total_steps * cfg.data.num_mini_batches)
+        self.learner = PolicyLearner(cfg, self.model, self.optimizer, self.scheduler)
+        self.step, self.weight_version = 0, 0
+
+        # driver: data, rewards, engines, metrics
+        self.tracker = Tracker(cfg.tracking, cfg.model_dump(mode="json", by_alias=True), enabled=self.is_driver,
+                               total_steps=self.total_steps, run_dir=self.run_dir)
+        if self.is_driver:
+            self._start_driver()
+        self._resume()
+
+    def _start_driver(self) -> None:
+        from transformers import AutoTokenizer
+
+        cfg = self.cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer_path or cfg.model.hf_path)
+        prompts, report = load_prompts(cfg.data.train_path, self.tokenizer, prompt_key=cfg.data.prompt_key,
+                                       messages_key=cfg.data.messages_key, answer_key=cfg.data.answer_key,
+                                       max_prompt_length=cfg.data.max_prompt_length,
+                                       system_prompt=cfg.data.system_prompt)
+        self.tracker.console(str(report))
+        self.sampler = PromptSampler(prompts, seed=cfg.data.seed)
+        self.rewards = RewardComputer(load_reward_fn(cfg.data.reward))
+        token = _engine_token(cfg)
+        engines = launch_engines(cfg.rollout, cfg.model.hf_path, self.run_dir / "engines", token)
+        self.weight_sync = WeightSync(engines, cfg.rollout.weight_sync)
+        self.fleet = Fleet(engines, cfg.rollout.max_concurrency, cfg.rollout.max_retries,
+                           resync=self.weight_sync.resync)
+        self.buffer = RolloutBuffer(cfg.rollout.max_staleness)
+        self.sampling_params = _sampling_params(cfg)
+        self._generating: Future | None = None
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="async-rollout")
+
+    def _resume(self) -> None:
+        ckpt = self.cfg.checkpoint
+        if ckpt.resume is False or find_latest(ckpt.dir) is None:
+            if ckpt.resume is True:
+                raise FileNotFoundError(f"checkpoint.resume is true but {ckpt.dir} holds no checkpoint")
+            return
+        state = load_checkpoint(ckpt.dir, None, self.model, self.optimizer, self.scheduler, model_config=self.cfg.model)
+        self.step, self.weight_version = state["step"], state["weight_version"]
+        if self.is_driver:
+            self.sampler.load_state_dict(state["sampler"])
+            self.tracker.console(f"resumed from {ckpt.dir} at step {self.step} (weight version {self.weight_version})")
+        self.sync_weights()  # the engines start from model.hf_path: give them the resumed weights
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> None:
+        completed = False
+        try:
+            while self.step < self.total_steps:
+                start = time.perf_counter()
+                samples, rollout_metrics = self.rollout()
+                train_metrics = self.train(samples) if samples else {"train/skipped_no_samples": 1.0}
+                self.weight_version = self.step + 1
+                sync_metrics = self.sync_weights()
+                self.step += 1
+                self.tracker.log(self.step, {**rollout_metrics, **train_metrics, **sync_metrics,
+                                             "perf/step_seconds": time.perf_counter() - start})
+                self.maybe_checkpoint()
+            completed = True
+        finally:
+            self.close(exit_code=0 if completed else 1)
+
+    def rollout(self) -> tuple[list[RolloutSample], dict[str, float]]:
+        """This step's samples on every rank (from the driver) and the driver's rollout metrics."""
+        payload = [self._driver_rollout() if self.is_driver else None]
+        dist.broadcast_object_list(payload, src=0)
+        return payload[0]
+
+    def train(self, samples: list[RolloutSample]) -> dict[str, float]:
+        """data.num_mini_batches optimizer steps on `samples`, pi_old = the weights before the first."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        mini_batches = _split(samples, cfg.data.num_mini_batches)
+        plans = [self._micro_batches(mini) for mini in mini_batches]
+        old = [self.learner.log_probs(micro) for micro, _ in plans]
+        metrics: dict[str, float] = _mismatch_metrics(plans, old)
+        for (micro, counts), old_log_probs in zip(plans, old, strict=True):
+            result = self.learner.train_step(micro, counts, old_log_probs=old_log_probs)
+            metrics = {**metrics, **result.metrics, "train/loss": result.loss, "train/lr": result.learning_rate,
+                       "train/skipped": float(result.skipped), "train/grad_norm": result.grad_norm or 0.0}
+            if result.skipped and self.is_driver:
+                self.tracker.console(f"step {self.step + 1}: optimizer step skipped ({result.skip_reason})")
+        metrics["perf/train_seconds"] = time.perf_counter() - start
+        return metrics
+
+    def sync_weights(self) -> dict[str, float]:
+        """Gather the full weights to rank 0 and push them to every engine as self.weight_version."""
+        named = full_parameters(self.chunks)
+        if not self.is_driver:
+            for _ in named:
+                pass
+            return {}
+        hf_named = (pair for name, tensor in named for pair in megatron_to_hf(name, tensor, self.cfg.model))
+        return self.weight_sync.push(hf_named, self.weight_version).metrics()
+
+    def maybe_checkpoint(self) -> None:
+        ckpt = self.cfg.checkpoint
+        if ckpt.save_interval and (self.step % ckpt.save_interval == 0 or self.step == self.total_steps):
+            state = {"weight_version": self.weight_version,
+                     "sampler": self.sampler.state_dict() if self.is_driver else {}}
+            save_checkpoint(ckpt.dir, self.step, self.model, self.optimizer, self.scheduler, state, ckpt.keep_last,
+                            model_config=self.cfg.model)
+
+    def close(self, exit_code: int = 0) -> None:
+        if self.is_driver:
+            self._background.shutdown(wait=False, cancel_futures=True)
+            self.fleet.shutdown()
+            self.weight_sync.close()
+        self.tracker.finish(exit_code)
+
+    # ------------------------------------------------------------------ the driver's rollout
+    def _driver_rollout(self) -> tuple[list[RolloutSample], dict[str, float]]:
+        """Groups for this step (async: the batch generated in the background, and the next one started)."""
+        cfg, start = self.cfg, time.perf_counter()
+        wanted = cfg.data.rollout_batch_size
+        rounds, stats = 0, {"generated_groups": 0, "dropped_all_equal": 0, "reward_errors": 0, "tokens": 0}
+        groups: list[Group] = []
+        while len(groups) < wanted and rounds < (cfg.data.dynamic_sampling_max_rounds if cfg.data.dynamic_sampling
+                                                 else 1):
+            rounds += 1
+            self.buffer.put(self._next_generated_batch(stats))
+            for group in self.buffer.take(wanted - len(groups), learner_version=self.weight_version):
+                if cfg.data.dynamic_sampling and group.all_equal:
+                    stats["dropped_all_equal"] += 1
+                    continue
+                groups.append(group)
+        groups = groups[:_usable_groups(len(groups), cfg)]
+        samples = self._samples_of(groups)
+        metrics = _rollout_metrics(groups, stats, self.buffer.dropped_stale, self.weight_version)
+        metrics["rollout/seconds"] = time.perf_counter() - start
+        return samples, metrics
+
+    def _next_generated_batch(self, stats: dict) -> list[Group]:
+        """Sync: generate now. Async: take the batch started last time and start the next one."""
+        if not self.cfg.rollout.async_mode:
+            return self._generate(stats)
+        batch = self._generating.result() if self._generating is not None else self._generate(stats)
+        self._generating = self._background.submit(self._generate, stats)
+        return batch
+
+    def _generate(self, stats: dict) -> list[Group]:
+        cfg = self.cfg
+        prompts = self.sampler.next_batch(cfg.data.rollout_batch_size)
+        n = cfg.rollout.n_samples_per_prompt
+        generations = self.fleet.generate([p.prompt_ids for p in prompts for _ in range(n)], self.sampling_params)
+        texts = self.tokenizer.batch_decode([g.output_ids for g in generations], skip_special_tokens=True)
+        prompt_texts = self.tokenizer.batch_decode([p.prompt_ids for p in prompts], skip_special_tokens=True)
+        items = [(prompt_texts[i // n], text, prompts[i // n].answer, prompts[i // n].metadata)
+                 for i, text in enumerate(texts)]
+        rewards, errors = self.rewards(items)
+        stats["reward_errors"] += sum(errors.values())
+        stats["generated_groups"] += len(prompts)
+        stats["tokens"] += sum(len(g.output_ids) for g in generations)
+        return [Group(prompt, generations[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n])
+                for i, prompt in enumerate(prompts)]
+
+    def _samples_of(self, groups: list[Group]) -> list[RolloutSample]:
+        if not groups:
+            return []
+        rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float64)
+        group_ids = torch.arange(len(groups)).repeat_interleave(torch.tensor([len(g.rewards) for g in groups]))
+        advantages = compute_advantages(self.cfg.algorithm.advantage, rewards, group_ids).tolist()
+        generations = [(g.prompt, gen) for g in groups for gen in g.generations]
+        return [RolloutSample(prompt.prompt_ids, gen.output_ids, advantage, gen.output_logprobs)
+                for (prompt, gen), advantage in zip(generations, advantages, strict=True)]
+
+    def _micro_batches(self, samples: list[RolloutSample]):
+        """This DP rank's micro-batches of `samples` and the global counts that normalise their loss."""
+        from megatron.core import parallel_state
+
+        parallel = self.cfg.parallel
+        pad_multiple = 2 * parallel.cp * parallel.tp if parallel.cp > 1 else parallel.tp
+        plan = plan_micro_batches([len(s) for s in samples], parallel.dp, self.cfg.data.max_tokens_per_micro_batch,
+                                  pad_multiple)
+        local = plan[parallel_state.get_data_parallel_rank()]
+        counts = GlobalCounts(tokens=sum(len(s.response_ids) for s in samples), sequences=len(samples))
+        return [collate(samples, indices, pad_multiple) for indices in local], counts
+
+
+def _engine_token(cfg: RunConfig) -> str:
+    return os.environ.get(cfg.rollout.token_env) or secrets.token_hex(16)
+
+
+def _sampling_params(cfg: RunConfig) -> dict:
+    sampling = cfg.rollout.sampling
+    return {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+            "max_new_tokens": sampling.max_new_tokens or cfg.data.max_response_length}
+
+
+def _split(samples: list, parts: int) -> list[list]:
+    size = len(samples) // parts
+    return [samples[i * size:(i + 1) * size] for i in range(parts)]
+
+
+def _usable_groups(count: int, cfg: RunConfig) -> int:
+    """The most groups <= count that split into num_mini_batches mini-batches divisible over dp ranks."""
+    n, parts, dp = cfg.rollout.n_samples_per_prompt, cfg.data.num_mini_batches, cfg.parallel.dp
+    while count and (count % parts or (count // parts * n) % dp):
+        count -= 1
+    return count
+
+
+def _rollout_metrics(groups: list[Group], stats: dict, dropped_stale: int, learner_version: int) -> dict[str, float]:
+    rewards = torch.tensor([r for g in groups for r in g.rewards] or [float("nan")])
+    lengths = torch.tensor([len(gen.output_ids) for g in groups for gen in g.generations] or [0], dtype=torch.float64)
+    truncated = [gen.finish_reason.get("type") == "length" for g in groups for gen in g.generations]
+    staleness = [learner_version - version_number(gen.weight_version) for g in groups for gen in g.generations]
+    return {
+        "rollout/reward_mean": rewards.mean().item(),
+        "rollout/reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+        "rollout/response_length_mean": lengths.mean().item(),
+        "rollout/truncated_fraction": sum(truncated) / max(len(truncated), 1),
+        "rollout/groups": float(len(groups)),
+        "rollout/generated_groups": float(stats["generated_groups"]),
+        "rollout/dropped_all_equal_groups": float(stats["dropped_all_equal"]),
+        "rollout/dropped_stale_groups": float(dropped_stale),
+        "rollout/reward_errors": float(stats["reward_errors"]),
+        "rollout/staleness_mean": sum(staleness) / max(len(staleness), 1),
+        "rollout/generated_tokens": float(stats["tokens"]),
+    }
+
+
+def _mismatch_metrics(plans, old) -> dict[str, float]:
+    """Train-inference gap on response tokens: mean |log pi_learner - log pi_rollout| and k3 KL(rollout || learner),
+    summed over this rank's tokens and all-reduced (TP copies count equally in numerator and denominator)."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for (micro, _), log_probs in zip(plans, old, strict=True):
+        if log_probs is None:
+            continue  # not the last pipeline stage
+        for mb, learner_lp in zip(micro, log_probs, strict=True):
+            if mb.rollout_log_probs is None:
+                continue
+            local = shard_for_context_parallel(mb)
+            mask = local.loss_mask.bool()
+            diff = (learner_lp.cpu()[mask] - local.rollout_log_probs[mask]).double()
+            sums += torch.stack([diff.abs().sum(), (torch.exp(diff) - 1 - diff).sum(), mask.sum().double()])
+    dist.all_reduce(sums)
+    tokens = max(sums[2].item(), 1.0)
+    return {"mismatch/log_prob_abs_diff_mean": sums[0].item() / tokens, "mismatch/kl_k3": sums[1].item() / tokens}
+
+
+def with_hf_architecture(cfg: RunConfig) -> RunConfig:
+    """cfg with model.* read from model.hf_path's config.json. A model key the YAML sets explicitly must agree
+    (ConfigError naming it otherwise); keys it leaves out are taken from the checkpoint."""
+    if cfg.model.hf_path is None:
+        return cfg
+    derived = model_config_from_hf(read_hf_config(cfg.model.hf_path))
+    conflicts = [(f"model.{key}", f"is {getattr(cfg.model, key)!r} but {cfg.model.hf_path}/config.json says "
+                                  f"{value!r}; leave it out to take the checkpoint's")
+                 for key, value in derived.items() if key in cfg.model.model_fields_set
+                 and getattr(cfg.model, key) != value]
+    if conflicts:
+        raise ConfigError(conflicts)
+    raw = cfg.model_dump(mode="json", by_alias=True)
+    raw["model"].update(derived)
+    return config_from_dict(raw)
+
+
+def train_from_config(cfg: RunConfig) -> None:
+    """Entry point of `megatron-rl train` on every rank."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron_rl").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch / Megatron deprecation notices, every step
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that `finally` stops the engines this rank started
+    Trainer(with_hf_architecture(cfg)).fit()
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
