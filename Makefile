@@ -23,9 +23,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$rc
 
-# The main job. Until the RL loop lands this is the loss benchmark.
+# The main job: RL on CPU in a few minutes (configs/quickstart.yaml): a tiny model learns a toy task.
 quickstart: $(STAMP)
-	$(BIN)/megatron-rl bench losses
+	$(BIN)/megatron-rl toy-task runs/quickstart/task
+	$(BIN)/python -m torch.distributed.run --standalone --nproc-per-node 2 -m megatron_rl.cli train configs/quickstart.yaml
 
 bench-losses: $(STAMP)
 	$(BIN)/python tools/bench_losses.py

@@ -73,6 +73,7 @@ class Trainer:
                                                          total_steps=self.total_steps * cfg.data.num_mini_batches)
         self.learner = PolicyLearner(cfg, self.model, self.optimizer, self.scheduler)
         self.step, self.weight_version = 0, 0
+        self.rewards_seen: list[float] = []  # the driver's rollout/reward_mean per step of this process
 
         # driver: data, rewards, engines, metrics
         self.tracker = Tracker(cfg.tracking, cfg.model_dump(mode="json", by_alias=True), enabled=self.is_driver,
@@ -129,8 +130,10 @@ class Trainer:
                 self.step += 1
                 self.tracker.log(self.step, {**rollout_metrics, **train_metrics, **sync_metrics,
                                              "perf/step_seconds": time.perf_counter() - start})
+                self.rewards_seen.append(rollout_metrics.get("rollout/reward_mean", float("nan")))
                 self.maybe_checkpoint()
             completed = True
+            self.tracker.console(_reward_summary(self.rewards_seen))
         finally:
             self.close(exit_code=0 if completed else 1)
 
@@ -292,6 +295,15 @@ def _rollout_metrics(groups: list[Group], stats: dict, dropped_stale: int, learn
         "rollout/staleness_mean": sum(staleness) / max(len(staleness), 1),
         "rollout/generated_tokens": float(stats["tokens"]),
     }
+
+
+def _reward_summary(rewards: list[float], window: int = 10) -> str:
+    """'reward: 0.05 over the first 10 steps -> 0.81 over the last 10' (means of rollout/reward_mean)."""
+    if not rewards:
+        return "reward: no step ran"
+    window = min(window, len(rewards))
+    first, last = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
+    return f"reward: {first:.3f} over the first {window} steps -> {last:.3f} over the last {window}"
 
 
 def _mismatch_metrics(plans, old) -> dict[str, float]:
