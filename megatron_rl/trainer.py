@@ -32,7 +32,7 @@ import torch.distributed as dist
 from megatron_rl.algorithms.advantages import compute_advantages
 from megatron_rl.algorithms.aggregation import GlobalCounts
 from megatron_rl.config import ConfigError, RunConfig, config_from_dict
-from megatron_rl.data.buffer import Group, RolloutBuffer, version_number
+from megatron_rl.data.buffer import Group, RolloutBuffer, generated_by
 from megatron_rl.data.datasets import PromptSampler, load_prompts
 from megatron_rl.data.rewards import RewardComputer, load_reward_fn
 from megatron_rl.learner.batching import RolloutSample, collate, plan_micro_batches
@@ -281,7 +281,7 @@ def _rollout_metrics(groups: list[Group], stats: dict, dropped_stale: int, learn
     rewards = torch.tensor([r for g in groups for r in g.rewards] or [float("nan")])
     lengths = torch.tensor([len(gen.output_ids) for g in groups for gen in g.generations] or [0], dtype=torch.float64)
     truncated = [gen.finish_reason.get("type") == "length" for g in groups for gen in g.generations]
-    staleness = [learner_version - version_number(gen.weight_version) for g in groups for gen in g.generations]
+    staleness = [learner_version - generated_by(gen) for g in groups for gen in g.generations]
     return {
         "rollout/reward_mean": rewards.mean().item(),
         "rollout/reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,

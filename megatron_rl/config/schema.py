@@ -77,6 +77,9 @@ def _check_lengths_and_batches(cfg: RunConfig, problems: ErrorCollector) -> None
     problems.require(max_new_tokens is None or max_new_tokens <= max_response_length,
                      "rollout.sampling.max_new_tokens",
                      f"must be <= data.max_response_length = {max_response_length}, got {max_new_tokens}")
+    problems.require(not cfg.rollout.async_mode or cfg.rollout.max_staleness >= 1, "rollout.max_staleness",
+                     "must be >= 1 when rollout.async is true (a batch generated while the learner trains is one "
+                     f"weight version behind), got {cfg.rollout.max_staleness}")
     optimizer_steps = data.train_steps * data.num_mini_batches
     problems.require(cfg.optimizer.lr_warmup_steps <= optimizer_steps, "optimizer.lr_warmup_steps",
                      f"must be <= the run's optimizer steps, data.train_steps x data.num_mini_batches = "

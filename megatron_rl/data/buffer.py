@@ -1,7 +1,7 @@
 """Rollout groups between the engines and the learner, with bounded staleness.
 
-A group is one prompt's n responses with their rewards. Every response carries the weight version
-it was generated with; a group's version is the oldest of its responses. When the learner is at
+A group is one prompt's n responses with their rewards. Every response carries the weight version(s)
+it was generated with; a group's version is the oldest of its responses' tokens. When the learner is at
 version v, a group with v - version > max_staleness is too old to train on: `take` drops it and
 counts it (in async mode a batch generated while the learner trained is one version behind).
 """
@@ -21,12 +21,19 @@ class Group:
 
     @property
     def weight_version(self) -> int:
-        return min(version_number(g.weight_version) for g in self.generations)
+        return min(generated_by(g) for g in self.generations)
 
     @property
     def all_equal(self) -> bool:
         """Every response got the same reward: no GRPO signal (DAPO's dynamic sampling drops it)."""
         return max(self.rewards) == min(self.rewards)
+
+
+def generated_by(generation: Generation) -> int:
+    """The oldest weight version any token of the response was sampled with (a response generated across a
+    weight update has tokens of two versions)."""
+    return min(version_number(version) for version, _, _ in generation.weight_versions or
+               [(generation.weight_version, 0, 0)])
 
 
 def version_number(version: str | int | None) -> int:

@@ -145,6 +145,9 @@ MALFORMED = [
                               " data: {max_prompt_length: 512, max_response_length: 1024}}",
          ("model.max_position_embeddings",
           "must be >= data.max_prompt_length + data.max_response_length = 1536, got 1000")),
+    case("async-needs-staleness", "rollout: {async: true}",
+         ("rollout.max_staleness", "must be >= 1 when rollout.async is true (a batch generated while the learner "
+                                   "trains is one weight version behind), got 0")),
     case("new-tokens-vs-response", "{rollout: {sampling: {max_new_tokens: 2048}},"
                                    " data: {max_response_length: 1024}}",
          ("rollout.sampling.max_new_tokens", "must be <= data.max_response_length = 1024, got 2048")),
