@@ -123,3 +123,27 @@ def test_killed_engine_mid_batch_every_prompt_answered_once_then_resynced(engine
     assert max(abs(a - b) for a, b in zip(generation.output_logprobs, expected_logprobs, strict=True)) <= 1e-5
     fleet.shutdown(stop_engines=False)
     sync.close()
+
+
+def test_an_engine_nobody_can_restart_is_dropped_with_a_clear_error():
+    from megatron_rl.rollout.engines import Engine
+    from megatron_rl.rollout.fleet import FleetError
+    from megatron_rl.rollout.protocol import EngineClient
+
+    dead = Engine(EngineClient(f"http://127.0.0.1:{free_port()}", token="t", timeout=5))  # attached, nothing listens
+    fleet = Fleet([dead], max_concurrency=2, max_retries=3)
+    with pytest.raises(FleetError, match="no rollout engine is left"):
+        fleet.generate([PROBE], GREEDY)
+    assert not dead.ready and dead.failures == 1
+    fleet.shutdown()
+
+
+def test_retries_are_bounded_and_name_the_prompt(engines):
+    from megatron_rl.rollout.fleet import FleetError
+
+    fleet = Fleet(engines, max_concurrency=2, max_retries=2)
+    bad = {"temperature": 1.0, "max_new_tokens": 4, "no_such_key": 1}  # every engine answers 400
+    with pytest.raises(FleetError, match=r"prompt 0 failed 3 times \(rollout.max_retries = 2\)"):
+        fleet.generate([PROBE], bad)
+    assert all(e.ready for e in engines)  # a bad request is not a dead engine: /health_generate still answers
+    fleet.shutdown(stop_engines=False)
