@@ -10,14 +10,13 @@ warmup + cosine LR schedule.
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torchrun_workers import run_worker
 
 from megatron_rl.learner.checkpoint import CheckpointError, find_latest, load_checkpoint
 
@@ -31,10 +30,7 @@ pytestmark = pytest.mark.distributed
 
 def torchrun(nproc: int, out_dir: Path, mode: str) -> float:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", str(WORKER), str(out_dir), mode],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(WORKER, nproc, str(out_dir), mode, timeout=600)
     return time.perf_counter() - start
 
 

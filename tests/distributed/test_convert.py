@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from torchrun_workers import run_worker
 
 sys.path.insert(0, str(Path(__file__).parent))
 from convert_worker import LAYOUTS, MODELS, TOKENIZER_FILE, write_hf_models  # noqa: E402
@@ -41,11 +42,7 @@ RECORDED = {"tp1": (1, 1, 1, 1, 1), "tp2": (2, 2, 1, 1, 1), "pp2": (2, 1, 2, 1, 
 
 
 def torchrun(nproc: int, work_dir: Path, launch: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", str(WORKER), str(work_dir), launch],
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
+    return run_worker(WORKER, nproc, str(work_dir), launch)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ control: merges with the shards swapped or the stride ignored get exactly the te
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_workers import run_worker
 
 sys.path.insert(0, str(Path(__file__).parent))
 from export_worker import MODES, NEGATIVE_CONTROL_MODES, kind_of  # noqa: E402
@@ -28,10 +28,7 @@ TENSOR_PARALLEL = ("word_embeddings.weight", "linear_qkv.weight", "linear_qkv.bi
 
 
 def torchrun(nproc: int, out_dir: Path, *modes: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", str(WORKER), str(out_dir), *modes],
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(WORKER, nproc, str(out_dir), *modes)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ the initial one), so ratios, clips and masks are exercised. See step_worker.py.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from torchrun_workers import run_worker
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_worker import LOSSES, MODES  # noqa: E402
@@ -22,10 +22,7 @@ pytestmark = pytest.mark.distributed
 
 
 def torchrun(nproc: int, out_dir: Path, *modes: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", str(WORKER), str(out_dir), *modes],
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(WORKER, nproc, str(out_dir), *modes)
 
 
 @pytest.fixture(scope="module")
