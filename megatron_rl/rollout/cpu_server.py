@@ -67,6 +67,7 @@ from megatron_rl.rollout.hf_engine import Completion, HFGenerator, SamplingParam
 from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
 
 TOKEN_ENV = "MEGATRON_RL_SERVE_TOKEN"
+PARENT_ENV = "MEGATRON_RL_SERVE_PARENT_PID"  # set by a launcher: stop serving when that process is gone
 EXIT_USAGE = 2
 PAUSE_MODES = ("abort", "retract", "in_place")
 HOLD_MODES = ("in_place", "retract")
@@ -768,6 +769,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _exit_with_parent(parent_pid: int, http_server, interval: float = 1.0) -> None:
+    """Shut the server down once `parent_pid` (the trainer that launched it) has exited, even by SIGKILL."""
+    while True:
+        time.sleep(interval)
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            log.warning("launching process %d is gone: shutting down", parent_pid)
+            http_server.shutdown()
+            return
+
+
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 30000, token: str | None = None,
           no_token: bool = False, dtype: str = "float32", max_batch_size: int = 64, threads: int = 0) -> int:
     """Run the server until SIGTERM / SIGINT; the exit code (EXIT_USAGE when it refuses to start).
@@ -802,6 +815,9 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 30000, token: st
 
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
+    if os.environ.get(PARENT_ENV):
+        threading.Thread(target=_exit_with_parent, args=(int(os.environ[PARENT_ENV]), http_server), daemon=True,
+                         name="parent-watch").start()
     log.info("serving %s (%s, max batch %d, %d threads) on http://%s:%d; token %s", model_path, dtype, max_batch_size,
              torch.get_num_threads(), host, http_server.server_address[1],
              "required for admin endpoints" + ("" if app.loopback else " and /generate") if token else "off")

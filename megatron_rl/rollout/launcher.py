@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from megatron_rl.config.sections import EngineSpec
-from megatron_rl.rollout.cpu_server import TOKEN_ENV
+from megatron_rl.rollout.cpu_server import PARENT_ENV, TOKEN_ENV
 from megatron_rl.rollout.protocol import EngineClient
 
 
@@ -37,7 +37,7 @@ class ServerProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, TOKEN_ENV: self.token}
+        env = {**os.environ, TOKEN_ENV: self.token, PARENT_ENV: str(os.getpid())}
         with open(self.log_path, "ab") as log:
             log.write(f"--- start: {' '.join(self.command)}\n".encode())
             self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -147,3 +147,39 @@ def test_retries_are_bounded_and_name_the_prompt(engines):
         fleet.generate([PROBE], bad)
     assert all(e.ready for e in engines)  # a bad request is not a dead engine: /health_generate still answers
     fleet.shutdown(stop_engines=False)
+
+
+def test_a_launched_engine_stops_when_its_launcher_is_killed(model_dir, tmp_path):
+    """The trainer may die by SIGKILL (out of memory): its engines must not outlive it and hold their ports."""
+    import subprocess
+    import sys
+
+    launcher = (
+        "import sys, secrets\n"
+        "from megatron_rl.config.sections import EngineSpec\n"
+        "from megatron_rl.rollout.launcher import ServerProcess, cpu_server_command\n"
+        "from megatron_rl.rollout.protocol import EngineClient\n"
+        f"spec = EngineSpec(port={free_port()})\n"
+        f"process = ServerProcess(cpu_server_command(spec, {str(model_dir)!r}), 't', {str(tmp_path / 'e.log')!r})\n"
+        "process.start()\n"
+        "process.wait_until_ready(EngineClient(f'http://127.0.0.1:{spec.port}', token='t'), 120)\n"
+        "print(process.pid, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", launcher], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    server_pid = int(parent.stdout.readline())
+    os.kill(server_pid, 0)  # alive
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(server_pid, signal.SIGKILL)
+        pytest.fail("the engine outlived its launcher by 30 s")
+    assert "launching process" in (tmp_path / "e.log").read_text()
