@@ -32,18 +32,18 @@ import torch.distributed as dist
 from megatron_rl.algorithms.advantages import compute_advantages
 from megatron_rl.algorithms.aggregation import GlobalCounts
 from megatron_rl.config import ConfigError, RunConfig, config_from_dict
+from megatron_rl.convert import load_hf_weights
 from megatron_rl.data.buffer import Group, RolloutBuffer, generated_by
 from megatron_rl.data.datasets import PromptSampler, load_prompts
 from megatron_rl.data.rewards import RewardComputer, load_reward_fn
 from megatron_rl.learner.batching import RolloutSample, collate, plan_micro_batches
 from megatron_rl.learner.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from megatron_rl.learner.export import full_parameters
-from megatron_rl.learner.full_weights import load_full_state
-from megatron_rl.learner.model import build_model_chunks, use_transformer_engine
+from megatron_rl.learner.model import build_model_chunks
 from megatron_rl.learner.optimizer import build_optimizer, wrap_data_parallel
 from megatron_rl.learner.step import PolicyLearner, shard_for_context_parallel
 from megatron_rl.models.hf_checkpoint import SafetensorsCheckpoint, read_hf_config
-from megatron_rl.models.hf_mapping import hf_to_megatron, megatron_to_hf, model_config_from_hf
+from megatron_rl.models.hf_mapping import megatron_to_hf, model_config_from_hf
 from megatron_rl.parallel.state import initialize_parallel
 from megatron_rl.rollout.engines import launch_engines
 from megatron_rl.rollout.fleet import Fleet
@@ -66,8 +66,7 @@ class Trainer:
 
         # learner: every rank
         self.chunks = build_model_chunks(cfg.model, cfg.parallel)
-        load_full_state(self.chunks, dict(hf_to_megatron(SafetensorsCheckpoint(cfg.model.hf_path), cfg.model,
-                                                         te_names=use_transformer_engine())))
+        load_hf_weights(self.chunks, SafetensorsCheckpoint(cfg.model.hf_path), cfg.model)  # this rank's tensors
         self.model = wrap_data_parallel(self.chunks, cfg.optimizer)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optimizer,
                                                          total_steps=self.total_steps * cfg.data.num_mini_batches)
@@ -111,8 +110,9 @@ class Trainer:
                 raise FileNotFoundError(f"checkpoint.resume is true but {ckpt.dir} holds no checkpoint")
             return
         state = load_checkpoint(ckpt.dir, None, self.model, self.optimizer, self.scheduler, model_config=self.cfg.model)
-        self.step, self.weight_version = state["step"], state["weight_version"]
-        if self.is_driver:
+        # a checkpoint written by `megatron-rl convert` has weights only: no sampler cursor, version = its step
+        self.step, self.weight_version = state["step"], state.get("weight_version", state["step"])
+        if self.is_driver and state.get("sampler"):
             self.sampler.load_state_dict(state["sampler"])
             self.tracker.console(f"resumed from {ckpt.dir} at step {self.step} (weight version {self.weight_version})")
         self.sync_weights()  # the engines start from model.hf_path: give them the resumed weights
