@@ -149,7 +149,40 @@ def _add_convert(subcommands: argparse._SubParsersAction) -> None:
     to_hf.set_defaults(run=_convert, direction="megatron-to-hf")
 
 
-SUBCOMMANDS = (_add_validate, _add_train, _add_toy_task, _add_serve, _add_convert)
+def _plan(args: argparse.Namespace) -> int:
+    from megatron_rl.plan import DEFAULT_GPUS_PER_NODE, format_plan, load_run_config
+
+    try:
+        text = format_plan(load_run_config(args.config, args.overrides),
+                           gpus_per_node=args.gpus_per_node or DEFAULT_GPUS_PER_NODE)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    sys.stdout.write(text)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _add_plan(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "plan", help="print where every learner rank and rollout engine runs, and a learner GPU's memory",
+        description="The model architecture is read from model.hf_path/config.json (no weights needed). Prints "
+                    "every learner rank's node and tensor / context / data / pipeline / expert coordinates in "
+                    "Megatron-Core's order, the nodes of rollout.engines, and an estimate of one learner GPU's "
+                    "memory (megatron_rl/plan.py states the formulas). Exits "
+                    f"{EXIT_CONFIG_ERROR} with every error when the config or the node count does not fit.")
+    parser.add_argument("config", help="the YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, values read as YAML")
+    parser.add_argument("--gpus-per-node", type=_positive_int, default=None, help="GPUs of one node (default: 8)")
+    parser.set_defaults(run=_plan)
+
+
+SUBCOMMANDS = (_add_validate, _add_train, _add_toy_task, _add_serve, _add_convert, _add_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
