@@ -214,12 +214,12 @@ def stage_parameters(model: ModelConfig, parallel: ParallelConfig, stage: int) -
     h, tp, pp = model.hidden_size, parallel.tp, parallel.pp
     heads, groups = model.num_attention_heads, model.query_groups
     head_dim = model.kv_channels or h // heads
-    norm = h * (2 if model.normalization == "LayerNorm" else 1)
+    norm_tensors = 2 if model.normalization == "LayerNorm" else 1  # weight (+ bias)
     qkv = (heads + 2 * groups) * head_dim
     attention = (h * qkv + heads * head_dim * h) // tp
     attention += qkv // tp * (model.add_qkv_bias or model.add_bias_linear) + h * model.add_bias_linear
-    attention += 2 * norm // h * head_dim * model.qk_layernorm
-    dense_layer, expert_layer = 2 * norm + attention, 0
+    attention += 2 * norm_tensors * head_dim * model.qk_layernorm
+    dense_layer, expert_layer = 2 * norm_tensors * h + attention, 0
     if model.num_experts is None:
         dense_layer += _mlp_parameters(model, model.ffn_hidden_size, tp)
     else:
@@ -234,7 +234,7 @@ def stage_parameters(model: ModelConfig, parallel: ParallelConfig, stage: int) -
     if stage == 0:
         dense += vocabulary
     if stage == pp - 1:
-        dense += norm + vocabulary * (model.untie_embeddings_and_output_weights or pp > 1)
+        dense += norm_tensors * h + vocabulary * (model.untie_embeddings_and_output_weights or pp > 1)
     return StageParameters(dense, layers * expert_layer)
 
 

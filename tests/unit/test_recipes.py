@@ -181,3 +181,11 @@ def test_layout_checks_see_the_real_model():
         ("model.max_position_embeddings", "must be >= data.max_prompt_length + data.max_response_length = 41024, "
                                           "got 40960"),
     ]
+
+
+@pytest.mark.parametrize("name", sorted(GPUS))
+def test_docs_show_the_memory_plan_prints(name):
+    """docs/recipes.md quotes plan's memory estimate of each recipe verbatim."""
+    text = format_plan(recipe(name))
+    memory = text[text.index("Learner memory per GPU"):]
+    assert f"```text\n{memory}```" in (REPO / "docs" / "recipes.md").read_text()
