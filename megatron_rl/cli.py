@@ -150,10 +150,10 @@ def _add_convert(subcommands: argparse._SubParsersAction) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from megatron_rl.plan import DEFAULT_GPUS_PER_NODE, format_plan, load_run_config
+    from megatron_rl.plan import DEFAULT_GPUS_PER_NODE, format_plan
 
     try:
-        text = format_plan(load_run_config(args.config, args.overrides),
+        text = format_plan(load_config(args.config, args.overrides),
                            gpus_per_node=args.gpus_per_node or DEFAULT_GPUS_PER_NODE)
     except ConfigError as exc:
         print(exc, file=sys.stderr)

@@ -57,8 +57,8 @@ from megatron_rl.learner.checkpoint import CheckpointError, _read_metadata, _res
 from megatron_rl.learner.export import full_parameters
 from megatron_rl.learner.full_weights import full_name, shard_of
 from megatron_rl.learner.model import build_gpt_model, transformer_config, use_transformer_engine
-from megatron_rl.models.hf_checkpoint import SafetensorsCheckpoint, read_hf_config, write_safetensors
-from megatron_rl.models.hf_config import model_config_from_hf
+from megatron_rl.models.hf_checkpoint import SafetensorsCheckpoint, write_safetensors
+from megatron_rl.models.hf_config import model_config_from_hf, read_hf_config
 from megatron_rl.models.hf_mapping import TIED_LM_HEAD, hf_names, hf_to_megatron, megatron_to_hf, rules
 from megatron_rl.parallel.state import destroy_parallel, initialize_parallel, launch_from_env
 

@@ -1,6 +1,6 @@
 """`megatron-rl plan`: where every learner rank and rollout engine runs, and what one learner GPU holds.
 
-    cfg = load_run_config("configs/recipes/kpo_qwen3_4b.yaml", overrides)   # architecture from model.hf_path
+    cfg = load_config("configs/recipes/kpo_qwen3_4b.yaml", overrides)   # architecture from model.hf_path
     print(format_plan(cfg, gpus_per_node=8))
 
 Nothing here starts a process or needs a GPU or the checkpoint's weights: the model comes from the
@@ -53,15 +53,10 @@ attention scores that the CPU path's unfused attention keeps.
 """
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
-from megatron_rl.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, config_from_dict
-from megatron_rl.config.loader import _read_yaml
-from megatron_rl.config.overrides import apply_overrides
-from megatron_rl.models.hf_checkpoint import read_hf_config
-from megatron_rl.models.hf_config import model_config_from_hf
+from megatron_rl.config import ConfigError, ModelConfig, ParallelConfig, RunConfig
 
 DEFAULT_GPUS_PER_NODE = 8
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -69,45 +64,6 @@ RANK0_NODE = "(rank 0's node)"  # the host column of engines on a loopback host
 WEIGHT_BYTES = GRADIENT_BYTES = ACTIVATION_BYTES = 4  # fp32
 ADAM_BYTES = 8  # exp_avg and exp_avg_sq, fp32; fp32 weights need no separate main copy
 GIB = 2**30
-
-
-def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
-    """`load_config`, with the architecture read from model.hf_path's config.json BEFORE validation.
-
-    So the layout rules (tp divides the heads, ep the experts, the sequence fits the positions, ...)
-    are checked against the real model. The model keys the file and the overrides leave out are taken
-    from config.json (model_config_from_hf); a key they set must agree with it. Every problem is
-    raised in one ConfigError, as load_config does.
-    """
-    raw = _read_yaml(Path(path))
-    if not isinstance(raw, Mapping):
-        return config_from_dict(raw, overrides)  # raises load_config's error for a file that is not a mapping
-    raw, errors = apply_overrides(raw, overrides)
-    model = raw.get("model") if isinstance(raw.get("model"), Mapping) else {}
-    try:
-        derived = hf_architecture(model.get("hf_path"))
-        config = config_from_dict({**raw, "model": {**derived, **model}} if derived else raw)
-    except ConfigError as exc:
-        raise ConfigError(errors + exc.errors) from None
-    errors += [(f"model.{key}", f"is {model[key]!r} but {model['hf_path']}/config.json says {value!r}; leave it "
-                "out to take the checkpoint's")
-               for key, value in derived.items() if key in model and getattr(config.model, key) != value]
-    if errors:
-        raise ConfigError(errors)
-    return config
-
-
-def hf_architecture(hf_path: object) -> dict:
-    """ModelConfig's architecture fields from hf_path/config.json; {} when hf_path is not a string (unset).
-
-    ConfigError naming model.hf_path when config.json is missing, not JSON, or of an unsupported model.
-    """
-    if not isinstance(hf_path, str):
-        return {}
-    try:
-        return model_config_from_hf(read_hf_config(hf_path))
-    except (OSError, ValueError) as exc:  # no such file, invalid JSON, an architecture Megatron cannot mirror
-        raise ConfigError([("model.hf_path", str(exc))]) from None
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from megatron_rl.algorithms.advantages import compute_advantages
 from megatron_rl.algorithms.aggregation import GlobalCounts
-from megatron_rl.config import ConfigError, RunConfig, config_from_dict
+from megatron_rl.config import RunConfig
 from megatron_rl.convert import load_hf_weights
 from megatron_rl.data.buffer import Group, RolloutBuffer, generated_by
 from megatron_rl.data.datasets import PromptSampler, load_prompts
@@ -42,8 +42,8 @@ from megatron_rl.learner.export import full_parameters
 from megatron_rl.learner.model import build_model_chunks
 from megatron_rl.learner.optimizer import build_optimizer, wrap_data_parallel
 from megatron_rl.learner.step import PolicyLearner, shard_for_context_parallel
-from megatron_rl.models.hf_checkpoint import SafetensorsCheckpoint, read_hf_config
-from megatron_rl.models.hf_mapping import megatron_to_hf, model_config_from_hf
+from megatron_rl.models.hf_checkpoint import SafetensorsCheckpoint
+from megatron_rl.models.hf_mapping import megatron_to_hf
 from megatron_rl.parallel.state import initialize_parallel
 from megatron_rl.rollout.engines import launch_engines
 from megatron_rl.rollout.fleet import Fleet
@@ -325,23 +325,6 @@ def _mismatch_metrics(plans, old) -> dict[str, float]:
     return {"mismatch/log_prob_abs_diff_mean": sums[0].item() / tokens, "mismatch/kl_k3": sums[1].item() / tokens}
 
 
-def with_hf_architecture(cfg: RunConfig) -> RunConfig:
-    """cfg with model.* read from model.hf_path's config.json. A model key the YAML sets explicitly must agree
-    (ConfigError naming it otherwise); keys it leaves out are taken from the checkpoint."""
-    if cfg.model.hf_path is None:
-        return cfg
-    derived = model_config_from_hf(read_hf_config(cfg.model.hf_path))
-    conflicts = [(f"model.{key}", f"is {getattr(cfg.model, key)!r} but {cfg.model.hf_path}/config.json says "
-                                  f"{value!r}; leave it out to take the checkpoint's")
-                 for key, value in derived.items() if key in cfg.model.model_fields_set
-                 and getattr(cfg.model, key) != value]
-    if conflicts:
-        raise ConfigError(conflicts)
-    raw = cfg.model_dump(mode="json", by_alias=True)
-    raw["model"].update(derived)
-    return config_from_dict(raw)
-
-
 def train_from_config(cfg: RunConfig) -> None:
     """Entry point of `megatron-rl train` on every rank."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -349,7 +332,7 @@ def train_from_config(cfg: RunConfig) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch / Megatron deprecation notices, every step
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that `finally` stops the engines this rank started
-    Trainer(with_hf_architecture(cfg)).fit()
+    Trainer(cfg).fit()
 
 
 def _exit_on_sigterm(signum, frame) -> None:

@@ -1,6 +1,5 @@
-"""Hugging Face checkpoint directories: config.json and safetensors, streamed.
+"""Hugging Face checkpoint directories: safetensors, streamed (config.json: hf_config.read_hf_config).
 
-    config = read_hf_config(path)
     checkpoint = SafetensorsCheckpoint(path)        # lazy Mapping: name -> tensor, read on access
     for name, tensor in iter_safetensors(path): ... # every tensor once, file by file
     write_safetensors(out, named_tensors, max_shard_bytes=5 * 2**30, extra_files={"config.json": text})
@@ -29,14 +28,6 @@ from safetensors.torch import save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-def read_hf_config(directory: str | os.PathLike) -> dict:
-    """The checkpoint's config.json as a dict."""
-    path = Path(directory, "config.json")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: not a Hugging Face checkpoint directory")
-    return json.loads(path.read_text())
 
 
 class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):

@@ -22,8 +22,20 @@ would compute differently is refused with a ValueError naming the Hugging Face f
   (moe_shared_expert_gate).
 """
 
+import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+
+def read_hf_config(directory: str | os.PathLike) -> dict:
+    """The checkpoint's config.json as a dict."""
+    path = Path(directory, "config.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a Hugging Face checkpoint directory")
+    return json.loads(path.read_text())
+
 
 SUPPORTED_ARCHITECTURES = {  # architecture -> model_type
     "LlamaForCausalLM": "llama",

@@ -41,8 +41,8 @@ if __name__ != "__mp_main__":
 
     from megatron_rl.cli import main as cli
     from megatron_rl.config import ModelConfig, ParallelConfig
-    from megatron_rl.models.hf_checkpoint import SafetensorsCheckpoint, read_hf_config
-    from megatron_rl.models.hf_config import model_config_from_hf
+    from megatron_rl.models.hf_checkpoint import SafetensorsCheckpoint
+    from megatron_rl.models.hf_config import model_config_from_hf, read_hf_config
     from megatron_rl.parallel.state import initialize_parallel
     from megatron_rl.platform import ensure_platform
 

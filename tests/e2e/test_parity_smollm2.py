@@ -23,7 +23,8 @@ from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from megatron_rl.config import ModelConfig, ParallelConfig
 from megatron_rl.models.gguf import SOURCE_FILE, gguf_to_hf, smollm2_gguf
-from megatron_rl.models.hf_checkpoint import SafetensorsCheckpoint, read_hf_config
+from megatron_rl.models.hf_checkpoint import SafetensorsCheckpoint
+from megatron_rl.models.hf_config import read_hf_config
 from megatron_rl.models.hf_mapping import hf_to_megatron, model_config_from_hf
 from megatron_rl.parallel.vocab_parallel import vocab_parallel_log_probs
 from megatron_rl.platform import ensure_platform

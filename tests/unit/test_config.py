@@ -25,7 +25,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "example.yaml"
 # Overrides that change every section (test_non_default_case_changes_every_section checks it).
 NON_DEFAULT_OVERRIDES = [
     "model.num_layers=4", "model.num_experts=8", "model.moe_router_topk=2", "model.kv_channels=32",
-    "model.moe_router_score_function=sigmoid", "model.hf_path=/models/tiny",
+    "model.moe_router_score_function=sigmoid",
     "parallel.tp=2", "parallel.pp=2", "parallel.vpp=2", "parallel.ep=2", "parallel.sequence_parallel=true",
     "parallel.world_size=8", "optimizer.lr_decay_style=linear", "optimizer.adam_eps=1e-6",
     "rollout.engines=[{kind: sglang, tp: 2, host: node1, port: 31000}, {kind: sglang, tp: 2, host: node2}]",

@@ -24,9 +24,9 @@ from megatron_rl.models.hf_checkpoint import (
     SINGLE_FILE,
     SafetensorsCheckpoint,
     iter_safetensors,
-    read_hf_config,
     write_safetensors,
 )
+from megatron_rl.models.hf_config import read_hf_config
 from megatron_rl.models.hf_mapping import hf_names, hf_to_megatron, megatron_to_hf, model_config_from_hf, rules
 from megatron_rl.parallel.state import destroy_parallel, initialize_parallel
 from megatron_rl.platform import ensure_platform

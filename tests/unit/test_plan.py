@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_rl.config import ConfigError, config_from_dict
+from megatron_rl.config import ConfigError, config_from_dict, load_config
 from megatron_rl.models.hf_config import SUPPORTED_ARCHITECTURES
 from megatron_rl.plan import (
     RankPlace,
@@ -24,7 +24,6 @@ from megatron_rl.plan import (
     engine_nodes,
     format_plan,
     learner_memory,
-    load_run_config,
     mixed_radix,
     rank_layout,
     stage_parameters,
@@ -181,34 +180,34 @@ def write_config(directory: Path, text: str) -> Path:
 
 def test_architecture_comes_from_hf_path(tmp_path):
     hf = REPO / "configs/recipes/hf_configs/Qwen3-30B-A3B-Base"
-    cfg = load_run_config(write_config(tmp_path, f"model: {{hf_path: {hf}, num_layers: 48}}\n"
+    cfg = load_config(write_config(tmp_path, f"model: {{hf_path: {hf}, num_layers: 48}}\n"
                                                  "parallel: {tp: 2, ep: 8, sequence_parallel: true, world_size: 16}\n"))
     assert (cfg.model.num_layers, cfg.model.num_experts, cfg.model.hidden_size, cfg.parallel.ep) == (48, 128, 2048, 8)
     with pytest.raises(ConfigError) as error:  # plain load_config validates the default (dense) model
-        load_run_config(write_config(tmp_path, "parallel: {ep: 8, world_size: 8}\n"))
+        load_config(write_config(tmp_path, "parallel: {ep: 8, world_size: 8}\n"))
     assert error.value.errors == [("parallel.ep", "must be 1 for a dense model (model.num_experts is null), got 8")]
 
 
 def test_conflicting_and_unreadable_hf_architecture(tmp_path):
     hf = REPO / "configs/recipes/hf_configs/Qwen3-4B"
     with pytest.raises(ConfigError) as error:
-        load_run_config(write_config(tmp_path, f"model: {{hf_path: {hf}, hidden_size: 1024, norm_epsilon: 1e-6}}\n"),
+        load_config(write_config(tmp_path, f"model: {{hf_path: {hf}, hidden_size: 1024, norm_epsilon: 1e-6}}\n"),
                         ["parallel.tp=x", "bad"])
     assert error.value.errors == [
         ("bad", "expected an override of the form dotted.key=value"),
         ("parallel.tp", "expected a valid integer, got 'x'"),
     ]
     with pytest.raises(ConfigError) as error:  # 1e-6 (a YAML string) agrees once validated; 1024 does not
-        load_run_config(write_config(tmp_path, f"model: {{hf_path: {hf}, hidden_size: 1024, norm_epsilon: 1e-6}}\n"))
+        load_config(write_config(tmp_path, f"model: {{hf_path: {hf}, hidden_size: 1024, norm_epsilon: 1e-6}}\n"))
     assert error.value.errors == [("model.hidden_size", f"is 1024 but {hf}/config.json says 2560; leave it out to "
                                                         "take the checkpoint's")]
     with pytest.raises(ConfigError) as error:
-        load_run_config(write_config(tmp_path, f"model: {{hf_path: {tmp_path}}}\n"))
+        load_config(write_config(tmp_path, f"model: {{hf_path: {tmp_path}}}\n"))
     assert error.value.errors == [("model.hf_path", f"{tmp_path}/config.json does not exist: not a Hugging Face "
                                                     "checkpoint directory")]
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ConfigError) as error:
-        load_run_config(write_config(tmp_path, f"model: {{hf_path: {tmp_path}}}\n"))
+        load_config(write_config(tmp_path, f"model: {{hf_path: {tmp_path}}}\n"))
     assert error.value.errors == [("model.hf_path", "HF config field 'architectures': GPT2LMHeadModel is not "
                                                     "supported; supported: " + ", ".join(SUPPORTED_ARCHITECTURES))]
 
@@ -225,7 +224,7 @@ def test_plan_command_prints_the_plan_and_refuses_bad_input(tmp_path):
     config = write_config(tmp_path, "parallel: {tp: 2, world_size: 4}\n")
     result = megatron_rl("plan", str(config), "--gpus-per-node", "4")
     assert (result.returncode, result.stderr) == (0, "")
-    assert result.stdout == format_plan(load_run_config(config), gpus_per_node=4)
+    assert result.stdout == format_plan(load_config(config), gpus_per_node=4)
     assert "Learner: 4 GPUs on 1 node of 4 GPUs\n" in result.stdout
     bad = megatron_rl("plan", str(config), "parallel.world_size=6", "data.rollout_batch_size=3", "--gpus-per-node", "4")
     assert (bad.returncode, bad.stdout) == (2, "")

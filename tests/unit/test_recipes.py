@@ -13,7 +13,7 @@ from transformers import AutoConfig
 
 from megatron_rl.config import ConfigError, dump_config, load_config
 from megatron_rl.models.hf_config import model_config_from_hf
-from megatron_rl.plan import GIB, format_plan, learner_memory, load_run_config, model_parameters, rank_layout
+from megatron_rl.plan import GIB, format_plan, learner_memory, model_parameters, rank_layout
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "configs" / "recipes"
@@ -30,7 +30,7 @@ def in_repo(monkeypatch):
 
 
 def recipe(name: str):
-    return load_run_config(RECIPES / f"{name}.yaml")
+    return load_config(RECIPES / f"{name}.yaml")
 
 
 def test_every_recipe_is_listed():
@@ -174,7 +174,7 @@ def test_hf_configs_match_the_model_cards(name, total, non_embedding, active):
 def test_layout_checks_see_the_real_model():
     """Negative control: layouts that only the checkpoint's architecture rules out are refused."""
     with pytest.raises(ConfigError) as error:
-        load_run_config(RECIPES / "kpo_qwen3_4b.yaml", ["parallel.tp=1", "parallel.sequence_parallel=false",
+        load_config(RECIPES / "kpo_qwen3_4b.yaml", ["parallel.tp=1", "parallel.sequence_parallel=false",
                                                         "parallel.pp=8", "data.max_response_length=40000"])
     assert error.value.errors == [
         ("parallel.pp", "must divide model.num_layers = 36, got 8"),
