@@ -8,16 +8,23 @@ SUBCOMMANDS.
 import argparse
 import sys
 
-from megatron_rl.config import ConfigError, dump_config, load_config
+from megatron_rl.config import ConfigError, RunConfig, dump_config, load_config
 
 EXIT_CONFIG_ERROR = 2
 
 
-def _validate(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace) -> RunConfig | None:
+    """args.config with args.overrides, validated; None after printing every error to stderr."""
     try:
-        config = load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
         return EXIT_CONFIG_ERROR
     sys.stdout.write(dump_config(config))
     return 0
@@ -35,10 +42,8 @@ def _add_validate(subcommands: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config = _load(args)
+    if config is None:
         return EXIT_CONFIG_ERROR
     from megatron_rl.trainer import train_from_config
 
