@@ -122,3 +122,22 @@ def test_async_run_trains_one_version_behind_and_reports_corrupt_rows(async_run)
     for row in rows:
         assert row["rollout/groups"] == 32.0 and row["train/skipped"] == 0.0
         assert "train/vespo/phi_ess" in row
+
+
+@pytest.fixture(scope="module")
+def dynamic_sampling_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quickstart_dapo")
+    toy_task(tmp)
+    return tmp, train(tmp, "data.dynamic_sampling=true", "data.dynamic_sampling_max_rounds=2")
+
+
+def test_dynamic_sampling_drops_groups_without_signal_and_generates_more(dynamic_sampling_run):
+    tmp, _ = dynamic_sampling_run
+    rows = read_metrics_jsonl(tmp / "runs" / "quickstart" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    for row in rows:
+        # an untrained model is right ~5% of the time: most groups of 8 are all wrong, so both rounds run
+        assert row["rollout/generated_groups"] == 64.0
+        dropped, kept = row["rollout/dropped_all_equal_groups"], row["rollout/groups"]
+        assert dropped > 0 and kept + dropped <= 64 and 0 < kept < 32
+        assert row["rollout/reward_mean"] > 0  # every kept group has a right answer
