@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test quickstart lint bench-losses clean
+.PHONY: test quickstart lint bench-losses clean test-sglang
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: no Python 3.12 found; run 'make PYTHON=/path/to/python3.12 ...'"; exit 1; }
@@ -27,6 +27,24 @@ test: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/megatron-rl toy-task runs/quickstart/task
 	$(BIN)/python -m torch.distributed.run --standalone --nproc-per-node 2 -m megatron_rl.cli train configs/quickstart.yaml
+
+# Opt-in conformance run (not part of `make test`, not run in CI): the protocol suite
+# (tests/rollout/test_protocol.py) against REAL SGLang 0.5.23 on CPU, weight update from distributed included.
+# SGLang lives in its own venv: pip resolves its CUDA builds of torch 2.14.1 (~11 GB, ~5 min once).
+# On CPU it needs SGLANG_USE_CPU_ENGINE=1 and tests/sglang/sgl_kernel_stub (PyPI's sgl_kernel is CUDA-only);
+# tests/sglang/conformance.sh builds a tiny checkpoint, starts the server, runs the suite, and stops the server.
+SGLANG_VENV := .venv-sglang
+SGLANG_STAMP := $(SGLANG_VENV)/.installed
+
+$(SGLANG_STAMP):
+	@test -n "$(PYTHON)" || { echo "error: no Python 3.12 found; run 'make PYTHON=/path/to/python3.12 ...'"; exit 1; }
+	@test -x $(SGLANG_VENV)/bin/python || $(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SGLANG_VENV)/bin/python -m pip install --quiet sglang==0.5.23 sglang-router==0.3.2
+	@touch $@
+
+test-sglang: $(STAMP) $(SGLANG_STAMP)
+	tests/sglang/conformance.sh $(SGLANG_VENV) $(BIN)
 
 bench-losses: $(STAMP)
 	$(BIN)/python tools/bench_losses.py

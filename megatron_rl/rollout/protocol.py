@@ -12,14 +12,14 @@ Wire format (JSON; field names are SGLang's):
                                   output_token_logprobs: [[logprob, token_id, null], ...]}}  (a list for a batch)
       finish_reason: {"type": "stop", "matched": id} | {"type": "length", "length": n} | {"type": "abort", "message"}
       logprob = log_softmax(logits / temperature)[token], before top-k / top-p (log_softmax(logits) when greedy)
-    GET  /health, /health_generate (200 or 503)        GET /get_weight_version -> {weight_version}
+    GET  /health, /health_generate (200 or 503)        GET /get_model_info -> {weight_version, model_path, ...}
     POST /flush_cache, /pause_generation {mode: abort | retract | in_place}, /continue_generation {},
          /abort_request {rid, abort_all}
     POST /init_weights_update_group {master_address, master_port, rank_offset, world_size, group_name, backend}
          /destroy_weights_update_group {group_name}
          /begin_weight_update {}, /end_weight_update {}      (required around from_distributed / from_tensor)
          /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache, weight_version}
-         /update_weights_from_disk {model_path, weight_version}
+         /update_weights_from_disk {model_path, weight_version, flush_cache}
          /update_weights_from_tensor {safetensors: base64 of a safetensors file, flush_cache, weight_version}
          /get_weights_by_name {name, truncate_size} -> the parameter's first values
       -> {success, message} (200, or 400 with success false)
@@ -151,7 +151,9 @@ class EngineClient:
     # --- weights ---------------------------------------------------------------------------------------
 
     def get_weight_version(self) -> str:
-        return str(self._call("GET", "/get_weight_version")["weight_version"])
+        """From /get_model_info: SGLang 0.5.23 has no /get_weight_version (and calls /get_model_info deprecated
+        for /model_info, which `megatron-rl serve` does not serve yet)."""
+        return str(self._call("GET", "/get_model_info")["weight_version"])
 
     def begin_weight_update(self) -> None:
         self._call("POST", "/begin_weight_update", {})
@@ -190,9 +192,12 @@ class EngineClient:
             body["weight_version"] = weight_version
         self._call("POST", "/update_weights_from_tensor", body)
 
-    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> None:
-        """Load the safetensors of a Hugging Face checkpoint directory on the engine's machine."""
-        body = {"model_path": model_path}
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None,
+                                 flush_cache: bool = True) -> None:
+        """Load the safetensors of a Hugging Face checkpoint directory on the engine's machine.
+        flush_cache=False while requests are held by an in-place pause: SGLang cannot flush then, and answers 400
+        (having loaded the weights)."""
+        body = {"model_path": model_path, "flush_cache": flush_cache}
         if weight_version is not None:
             body["weight_version"] = weight_version
         self._call("POST", "/update_weights_from_disk", body)
