@@ -4,7 +4,7 @@
 #   an API key: pass `--config FILE` with FILE a YAML holding `api_key: ...` (a key on the command line shows in ps)
 # What CPU needs: SGLANG_USE_CPU_ENGINE=1 (else `--device cpu` still takes CUDA code paths) and the pure-torch
 # sgl_kernel stub first on PYTHONPATH (PyPI's sglang-kernel is CUDA-only). A small KV pool: the default takes
-# most of the machine's memory and ~40 s to allocate. float32, so logprobs match an fp32 forward to ~1e-6.
+# most of the machine's memory and ~40 s to allocate. float32, so logprobs match an fp32 forward within 1e-5.
 # No CUDA coredump wait when it crashes or is stopped (SGLang waits 60 s for one by default).
 set -euo pipefail
 if [ $# -lt 3 ]; then echo "usage: $0 VENV MODEL PORT [sglang.launch_server args]" >&2; exit 2; fi
