@@ -14,12 +14,15 @@ every engine, then for each bucket of about `bucket_mb` MiB posts
 broadcasting the bucket's tensors in order over each engine's group, and closes with
 /end_weight_update. Verification ("checksum"): every engine reports its weight_version, and the
 first 100 values of `verify_tensors` sampled tensors (/get_weights_by_name) must equal what was
-sent (in the engine's precision); a mismatch raises WeightSyncError.
+sent (in the engine's precision); a mismatch raises WeightSyncError. SGLang 0.5.23 answers
+/get_weights_by_name for Llama-family models only: for others its version is checked, with a
+warning.
 
 The last pushed tensors are kept (a host copy, the model's size) so that `resync` can bring a
 restarted engine to the current version without a collective over the learner ranks.
 """
 
+import logging
 import random
 import secrets
 import socket
@@ -36,6 +39,7 @@ from megatron_rl.rollout.engines import Engine
 from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
 from megatron_rl.rollout.protocol import EngineError
 
+log = logging.getLogger(__name__)
 VERIFY_VALUES = 100  # values per sampled tensor read back from an engine
 LOW_PRECISIONS = (torch.bfloat16, torch.float16)
 
@@ -89,7 +93,7 @@ class WeightSync:
         report = SyncReport(version)
         start = time.perf_counter()
         kept = []
-        self._each(targets, lambda engine: engine.client.begin_weight_update())
+        self._each(targets, _begin_session)
         try:
             for bucket in buckets_of(named_tensors, int(self.config.bucket_mb * 2**20)):
                 bucket = [(name, t.detach().clone(memory_format=torch.contiguous_format)) for name, t in bucket]
@@ -165,7 +169,15 @@ class WeightSync:
                 raise WeightSyncError(f"engine {engine.url} reports weight_version {reported!r} after a push of "
                                       f"version {version}")
             for name in sample:
-                got = torch.tensor(engine.client.get_weights_by_name(name, truncate_size=VERIFY_VALUES))
+                try:
+                    got = torch.tensor(engine.client.get_weights_by_name(name, truncate_size=VERIFY_VALUES))
+                except EngineError as exc:
+                    if exc.status != 400:
+                        raise
+                    # SGLang 0.5.23 reads weights by name for Llama-family models only
+                    log.warning("engine %s cannot return weights by name (%s): verified its weight_version only",
+                                engine.url, exc.message)
+                    break
                 if not _same_values(by_name[name].flatten()[:VERIFY_VALUES], got):
                     raise WeightSyncError(f"engine {engine.url} holds other values of {name!r} than version "
                                           f"{version} sent: first values {got[:4].tolist()} vs "
@@ -176,6 +188,18 @@ class WeightSync:
         for engine in list(self.engines):
             self._forget(engine)
         self._pool.shutdown(wait=False)
+
+
+def _begin_session(engine: Engine) -> None:
+    """/begin_weight_update; a session left open by a crashed push (SGLang refuses a second begin) is closed
+    and begun again."""
+    try:
+        engine.client.begin_weight_update()
+    except EngineError as exc:
+        if exc.status != 400 or "already open" not in exc.message:
+            raise
+        engine.client.end_weight_update()
+        engine.client.begin_weight_update()
 
 
 def _same_values(sent: torch.Tensor, got: torch.Tensor) -> bool:
