@@ -21,7 +21,7 @@ def test_integers_and_strings():
 @pytest.mark.parametrize(("value", "expected"),
                          [("true", True), ("false", False), ("True", True), ("off", False)])
 def test_booleans(value, expected):
-    assert config_from_dict({}, [f"rollout.async={value}"]).rollout.async_mode is expected
+    assert config_from_dict({}, [f"rollout.async={value}", "rollout.max_staleness=1"]).rollout.async_mode is expected
 
 
 def test_null_switches_a_correction_off():
