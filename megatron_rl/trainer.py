@@ -15,12 +15,18 @@ each step's samples from it. One step:
                HF names and pushes them to every engine as weight version step + 1
     log        rollout/*, train/*, mismatch/*, perf/*, sync/* to JSONL / wandb / the console
     checkpoint every checkpoint.save_interval steps: model, optimizer, sampler cursor, weight version
+
+Stopping: SIGTERM exits at once (the engines this rank started are stopped). SIGUSR1 to any rank saves a
+checkpoint after the step in progress, on every rank, then exits with STOPPED_EXIT_CODE (138), which
+launch/slurm/rl.sbatch answers with a requeue. A resume cuts the metrics file after its checkpoint's step.
 """
 
+import json
 import logging
 import os
 import secrets
 import signal
+import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +57,8 @@ from megatron_rl.rollout.weight_sync import WeightSync
 from megatron_rl.tracking import Tracker
 
 log = logging.getLogger(__name__)
+STOP_REQUESTED = threading.Event()  # set by SIGUSR1: save a checkpoint after the current step and exit
+STOPPED_EXIT_CODE = 128 + signal.SIGUSR1  # the exit code after that checkpoint (launch/slurm requeues the job)
 
 
 class Trainer:
@@ -112,6 +120,8 @@ class Trainer:
         state = load_checkpoint(ckpt.dir, None, self.model, self.optimizer, self.scheduler, model_config=self.cfg.model)
         # a checkpoint written by `megatron-rl convert` has weights only: no sampler cursor, version = its step
         self.step, self.weight_version = state["step"], state.get("weight_version", state["step"])
+        if self.is_driver and self.cfg.tracking.jsonl_path:
+            _drop_metrics_after(self.run_dir / self.cfg.tracking.jsonl_path, self.step, self.tracker.console)
         if self.is_driver and state.get("sampler"):
             self.sampler.load_state_dict(state["sampler"])
             self.tracker.console(f"resumed from {ckpt.dir} at step {self.step} (weight version {self.weight_version})")
@@ -131,7 +141,11 @@ class Trainer:
                 self.tracker.log(self.step, {**rollout_metrics, **train_metrics, **sync_metrics,
                                              "perf/step_seconds": time.perf_counter() - start})
                 self.rewards_seen.append(rollout_metrics.get("rollout/reward_mean", float("nan")))
-                self.maybe_checkpoint()
+                stop = self._stop_requested()
+                self.maybe_checkpoint(force=stop)
+                if stop and self.step < self.total_steps:
+                    self.tracker.console(f"SIGUSR1: stopped after step {self.step}, its checkpoint is saved")
+                    raise SystemExit(STOPPED_EXIT_CODE)
             completed = True
             self.tracker.console(_reward_summary(self.rewards_seen))
         finally:
@@ -170,13 +184,19 @@ class Trainer:
         hf_named = (pair for name, tensor in named for pair in megatron_to_hf(name, tensor, self.cfg.model))
         return self.weight_sync.push(hf_named, self.weight_version).metrics()
 
-    def maybe_checkpoint(self) -> None:
+    def maybe_checkpoint(self, force: bool = False) -> None:
         ckpt = self.cfg.checkpoint
-        if ckpt.save_interval and (self.step % ckpt.save_interval == 0 or self.step == self.total_steps):
+        if force or (ckpt.save_interval and (self.step % ckpt.save_interval == 0 or self.step == self.total_steps)):
             state = {"weight_version": self.weight_version,
                      "sampler": self.sampler.state_dict() if self.is_driver else {}}
             save_checkpoint(ckpt.dir, self.step, self.model, self.optimizer, self.scheduler, state, ckpt.keep_last,
                             model_config=self.cfg.model)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGUSR1 (all-reduced, so that every rank stops after the same step)."""
+        flag = torch.tensor([float(STOP_REQUESTED.is_set())])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
 
     def close(self, exit_code: int = 0) -> None:
         if self.is_driver:
@@ -325,6 +345,18 @@ def _mismatch_metrics(plans, old) -> dict[str, float]:
     return {"mismatch/log_prob_abs_diff_mean": sums[0].item() / tokens, "mismatch/kl_k3": sums[1].item() / tokens}
 
 
+def _drop_metrics_after(path: Path, step: int, console) -> None:
+    """Cut the metrics file after the rows of steps <= step. Resuming from the checkpoint of `step` discards the
+    training of later steps (logged before a kill) and logs those steps again."""
+    if not path.exists():
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = next((i for i, line in enumerate(lines) if json.loads(line)["step"] > step), len(lines))
+    if kept < len(lines):
+        os.truncate(path, sum(len(line) for line in lines[:kept]))
+        console(f"{path}: dropped {len(lines) - kept} row(s) of steps after {step}, which the resume trains again")
+
+
 def train_from_config(cfg: RunConfig) -> None:
     """Entry point of `megatron-rl train` on every rank."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -332,6 +364,7 @@ def train_from_config(cfg: RunConfig) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch / Megatron deprecation notices, every step
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that `finally` stops the engines this rank started
+    signal.signal(signal.SIGUSR1, lambda *_: STOP_REQUESTED.set())
     Trainer(cfg).fit()
 
 
