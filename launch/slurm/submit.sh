@@ -16,7 +16,8 @@
 #   PARTITION, ROLLOUT_PARTITION [PARTITION]; without them Slurm's default partition (or SBATCH_PARTITION)
 #   TIME_LIMIT          sbatch --time [the partition's default]
 #   STOP_LEAD [300]     seconds before the time limit at which the learners checkpoint and the job requeues;
-#                       more than one training step plus a checkpoint save
+#                       more than one training step plus a checkpoint save, plus 30 s: Slurm checks time
+#                       limits about every 30 s (measured: asked for 50 s before the limit, signalled at 31 s)
 #   JOB_OUTPUT [slurm-%j.out], appended to across requeues
 #   SBATCH_ARGS, LEARNER_SBATCH_ARGS, ROLLOUT_SBATCH_ARGS  more sbatch options for both / one component
 #                       (--account=..., --qos=..., --constraint=..., --exclusive, --nodelist=...)
