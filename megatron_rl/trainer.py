@@ -51,6 +51,7 @@ from megatron_rl.learner.step import PolicyLearner, shard_for_context_parallel
 from megatron_rl.models.hf_checkpoint import SafetensorsCheckpoint
 from megatron_rl.models.hf_mapping import megatron_to_hf
 from megatron_rl.parallel.state import initialize_parallel
+from megatron_rl.platform import local_device
 from megatron_rl.rollout.engines import launch_engines
 from megatron_rl.rollout.fleet import Fleet
 from megatron_rl.rollout.weight_sync import WeightSync
@@ -129,7 +130,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
-        completed = False
+        completed = stopped = False
         try:
             while self.step < self.total_steps:
                 start = time.perf_counter()
@@ -141,15 +142,19 @@ class Trainer:
                 self.tracker.log(self.step, {**rollout_metrics, **train_metrics, **sync_metrics,
                                              "perf/step_seconds": time.perf_counter() - start})
                 self.rewards_seen.append(rollout_metrics.get("rollout/reward_mean", float("nan")))
-                stop = self._stop_requested()
-                self.maybe_checkpoint(force=stop)
-                if stop and self.step < self.total_steps:
+                stopped = self._stop_requested() and self.step < self.total_steps
+                self.maybe_checkpoint(force=stopped)
+                if stopped:
                     self.tracker.console(f"SIGUSR1: stopped after step {self.step}, its checkpoint is saved")
                     raise SystemExit(STOPPED_EXIT_CODE)
             completed = True
             self.tracker.console(_reward_summary(self.rewards_seen))
         finally:
             self.close(exit_code=0 if completed else 1)
+            # a stop exits every rank together, once rank 0 has written `latest` and stopped its engines:
+            # torchrun stops the remaining workers as soon as one exits with an error code
+            if stopped:
+                dist.barrier()
 
     def rollout(self) -> tuple[list[RolloutSample], dict[str, float]]:
         """This step's samples on every rank (from the driver) and the driver's rollout metrics."""
@@ -194,7 +199,7 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """Whether any rank got SIGUSR1 (all-reduced, so that every rank stops after the same step)."""
-        flag = torch.tensor([float(STOP_REQUESTED.is_set())])
+        flag = torch.tensor([float(STOP_REQUESTED.is_set())], device=local_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 

@@ -67,7 +67,7 @@ def test_sigusr1_checkpoints_and_a_second_run_resumes(tmp_path):
     assert 1 <= stopped_at < STEPS  # checkpoint.save_interval=0: only the stop saved one
     output = first_log.read_text()
     assert f"SIGUSR1: stopped after step {stopped_at}, its checkpoint is saved" in output
-    assert output.count("exitcode  : 138") == 2  # both learners, in torchrun's report
+    assert "exitcode  : 138" in output  # torchrun's report (the worker exiting last may be stopped by torchrun)
     assert [row["step"] for row in read_metrics_jsonl(metrics)] == list(range(1, stopped_at + 1))
 
     second = local_sh(tmp_path, second_log)
