@@ -11,7 +11,7 @@
 # each daemon by its PID file. Call stop.sh even when this script fails: daemons it started keep running.
 #
 # Environment: SUBNET (10.198.0), SLURMCTLD_PORT (6817), SLURMD_PORT (6818), KILL_WAIT (30 s between
-# SIGTERM and SIGKILL when a job is cancelled or requeued).
+# SIGTERM and SIGKILL when a job is cancelled or requeued), CRED_EXPIRE (15 s, see below).
 set -euo pipefail
 RUNDIR=${1:?usage: start.sh RUNDIR [NODES]}; NODES=${2:-2}
 SUBNET=${SUBNET:-10.198.0}
@@ -70,7 +70,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$RUNDIR/munge/munge.sock
+# cred_expire: a requeued job waits this long before it starts again (default 120 s); a restart on nodes
+# that still hold the revoked credential of its last run fails ("Job credential revoked")
+AuthInfo=socket=$RUNDIR/munge/munge.sock,cred_expire=${CRED_EXPIRE:-15}
 MpiDefault=none
 # no systemd or delegated cgroups here
 ProctrackType=proctrack/linuxproc
