@@ -27,6 +27,7 @@ import random
 import secrets
 import socket
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ def buckets_of(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: 
 
 class WeightSync:
     def __init__(self, engines: list[Engine], config: WeightSyncConfig, backend: str = "gloo",
-                 master_address: str = "127.0.0.1"):
+                 master_address: str | None = None):
         self.engines, self.config, self.backend, self.master_address = engines, config, backend, master_address
         self.version: int | None = None
         self.latest: list[tuple[str, torch.Tensor]] = []
@@ -136,10 +137,11 @@ class WeightSync:
         if id(engine) not in self._groups:
             name = f"megatron-rl-weights-{secrets.token_hex(6)}"  # unique: an engine may outlive this object
             port = _free_port()
-            joined = self._pool.submit(engine.client.init_weights_update_group, master_address=self.master_address,
+            address = self.master_address or _address_toward(engine.url)
+            joined = self._pool.submit(engine.client.init_weights_update_group, master_address=address,
                                        master_port=port, rank_offset=1, world_size=2, group_name=name,
                                        backend=self.backend)
-            group = init_custom_process_group(self.backend, f"tcp://{self.master_address}:{port}", 2, 0, name)
+            group = init_custom_process_group(self.backend, f"tcp://{address}:{port}", 2, 0, name)
             joined.result()
             self._groups[id(engine)] = (name, group)
         return self._groups[id(engine)]
@@ -222,3 +224,11 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _address_toward(url: str) -> str:
+    """This host's address on the route to the engine at `url` (127.0.0.1 for a local one): where it reaches us."""
+    parsed = urllib.parse.urlparse(url)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((parsed.hostname, parsed.port or 80))  # UDP: chooses the route, sends nothing
+        return probe.getsockname()[0]

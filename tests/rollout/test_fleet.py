@@ -103,7 +103,13 @@ def test_killed_engine_mid_batch_every_prompt_answered_once_then_resynced(engine
     prompts = [PROBE[:-1] + [12 + i % 20, 2] for i in range(48)]
     params = {"temperature": 1.0, "max_new_tokens": 48, "ignore_eos": True}
     victim = engines[0]
-    killer = threading.Timer(1.0, lambda: os.kill(victim.process.pid, signal.SIGKILL))
+
+    def kill_once_busy():  # as soon as the victim holds requests: they are lost with it
+        while victim.in_flight == 0:
+            time.sleep(0.005)
+        os.kill(victim.process.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_once_busy)
     killer.start()
     generations = fleet.generate(prompts, params)
     killer.join()
