@@ -51,7 +51,7 @@ bench-losses: $(STAMP)
 	$(BIN)/python tools/bench_losses.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check megatron_rl tests tools
+	$(BIN)/ruff check megatron_rl tests tools launch
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -27,6 +27,7 @@ prints nothing (it still refuses a bad call, so all ranks fail at the same `log`
 count); steps must increase from one `log` call to the next.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -94,13 +95,26 @@ class Tracker:
         if self._jsonl is not None:
             _write_line(self._jsonl, step, values)
         if self._wandb_run is not None:
-            self._wandb_run.log(values, step=step)
+            try:
+                self._wandb_run.log(values, step=step)
+            except ConnectionError as error:
+                self._lose_wandb(error)
         self._display.step(step, {name: values[name] for name in PROGRESS_METRICS if name in values})
 
     def console(self, message: str) -> None:
         """Print a line on rank 0's console (above the progress bar)."""
         if self._display is not None:
             self._display.print(message)
+
+    def _lose_wandb(self, error: ConnectionError) -> None:
+        """wandb-core has stopped (on a Slurm requeue every process of the job gets the signal): go on with the
+        JSONL only; the run file keeps what wandb-core had received."""
+        import wandb
+
+        self._wandb_run = None
+        self.console(f"wandb: wandb-core has stopped ({error!r}); metrics go to the JSONL only from here on")
+        with contextlib.suppress(ConnectionError):
+            wandb.teardown()  # unregisters wandb's exit hook, which would fail the same way
 
     def __enter__(self) -> "Tracker":
         return self
@@ -114,11 +128,15 @@ class Tracker:
         if self._wandb_run is not None:
             import wandb
 
-            self._wandb_run.finish(exit_code=exit_code)
-            self._wandb_run = None
-            wandb.teardown()  # finish() returns before wandb-core has written the run file out; this waits
-            if self._wandb_mode == "offline":
-                self.console(f"wandb: offline run saved; upload it with `wandb sync {wandb_dir}`")
+            try:
+                self._wandb_run.finish(exit_code=exit_code)
+                wandb.teardown()  # finish() returns before wandb-core has written the run file out; this waits
+            except ConnectionError as error:
+                self._lose_wandb(error)
+            else:
+                self._wandb_run = None
+                if self._wandb_mode == "offline":
+                    self.console(f"wandb: offline run saved; upload it with `wandb sync {wandb_dir}`")
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None

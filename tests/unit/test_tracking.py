@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import shutil
+import subprocess
 import sys
 import time
 
@@ -233,3 +234,40 @@ def test_terminal_gets_a_progress_bar_with_key_metrics_and_console_lines(tmp_pat
     assert re.search(r"step 3/4 .*━.* rollout/reward_mean 0\.25  train/loss 0\.5\r", screen)
     assert "a message\r\n" in screen and "grad_norm" not in screen
     assert re.search(r"step 4/4 .* train/loss 0\.125\r\n$", screen)
+
+
+def test_finish_survives_wandb_core_stopped_by_the_same_signal(tmp_path):
+    """On a Slurm requeue every process of the job gets SIGTERM, wandb-core too: closing the run must not
+    turn the trainer's clean exit into a ConnectionResetError; the JSONL is still closed complete."""
+    script = f"""
+import os, signal, time
+from pathlib import Path
+from megatron_rl.config.sections import TrackingConfig
+from megatron_rl.tracking import Tracker
+
+def wandb_core_pids():
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{{pid}}/stat").read_text()
+            cmdline = Path(f"/proc/{{pid}}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"wandb-core" in cmdline:
+            yield int(pid)
+
+tracker = Tracker(TrackingConfig(wandb_mode="offline", run_name="r", jsonl_path="metrics.jsonl"), {{}}, run_dir=Path({str(tmp_path)!r}))
+tracker.log(1, {{"train/loss": 0.5}})
+pids = list(wandb_core_pids())
+assert pids, "no wandb-core child found"
+for pid in pids:
+    os.kill(pid, signal.SIGTERM)
+    while Path(f"/proc/{{pid}}").exists() and "Z" not in Path(f"/proc/{{pid}}/stat").read_text().split(")")[1][:3]:
+        time.sleep(0.05)
+tracker.log(2, {{"train/loss": 0.25}})
+tracker.finish()
+print("finished")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[:4000]
+    assert "finished" in done.stdout and "wandb-core has stopped" in done.stdout + done.stderr
+    assert [row["train/loss"] for row in read_metrics_jsonl(tmp_path / "metrics.jsonl")] == [0.5, 0.25]
