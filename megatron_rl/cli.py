@@ -6,7 +6,9 @@ SUBCOMMANDS.
 """
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
 from megatron_rl.config import ConfigError, RunConfig, dump_config, load_config
 
@@ -85,7 +87,8 @@ def _serve(args: argparse.Namespace) -> int:
     from megatron_rl.rollout.cpu_server import serve
 
     return serve(args.model_path, host=args.host, port=args.port, token=args.token, no_token=args.no_token,
-                 dtype=args.dtype, max_batch_size=args.max_batch_size, threads=args.threads)
+                 dtype=args.dtype, max_batch_size=args.max_batch_size, threads=args.threads,
+                 logit_noise_std=args.logit_noise_std, logit_noise_seed=args.logit_noise_seed)
 
 
 def _add_serve(subcommands: argparse._SubParsersAction) -> None:
@@ -104,6 +107,11 @@ def _add_serve(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--max-batch-size", type=int, default=64, help="requests per batch")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--logit-noise-std", type=float, default=0.0, metavar="S",
+                        help="add S * N(0, 1) noise to the tempered logits of every decode step, before the logprob "
+                             "and the sampling: a train-inference mismatch of known size (default 0: off)")
+    parser.add_argument("--logit-noise-seed", type=int, default=0, metavar="K",
+                        help="seed of that noise; with a request's sampling_seed it fixes the noise (default 0)")
     parser.set_defaults(run=_serve)
 
 
@@ -187,7 +195,63 @@ def _add_plan(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_plan)
 
 
-SUBCOMMANDS = (_add_validate, _add_train, _add_toy_task, _add_serve, _add_convert, _add_plan)
+def _sweep(args: argparse.Namespace) -> int:
+    from megatron_rl.studies.report import write_report
+    from megatron_rl.sweep import GridError, SweepError, SweepSpec, parse_grid_option, run_sweep
+
+    grid_options = [part for grid in args.grid for part in ("--grid", grid)]
+    command = shlex.join(["megatron-rl", "sweep", args.config, *grid_options, "--seeds", str(args.seeds),
+                          "--out", args.out, *args.overrides])
+    try:
+        spec = SweepSpec(Path(args.config), tuple(parse_grid_option(grid) for grid in args.grid), args.seeds,
+                         Path(args.out), tuple(args.overrides), command)
+        exit_code = run_sweep(spec)
+    except (GridError, SweepError) as exc:
+        print(f"megatron-rl sweep: nothing was run:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"report: {write_report(args.out)}")
+    return exit_code
+
+
+def _add_sweep(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "sweep", help="a grid of short RL runs x seeds, one after the other; resumable; a report at the end",
+        description="Runs `megatron-rl train` (torchrun, parallel.world_size ranks) for every grid point and seed "
+                    "0..N-1 (data.seed), each in its own directory DIR/<name> (config.yaml, run.log, metrics.jsonl, "
+                    "wandb/, checkpoints/). Every run's config is validated before the first starts. Finished runs "
+                    "are skipped when the command is run again; unfinished ones start from scratch. Writes "
+                    "DIR/sweep.json and DIR/report.md with reward plots. Exits 1 if a run failed, "
+                    f"{EXIT_CONFIG_ERROR} for bad settings (megatron_rl/sweep/).")
+    parser.add_argument("config", help="the YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for every run")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="a config key and its values (repeat for more keys: their cartesian product)")
+    parser.add_argument("--seeds", type=_positive_int, default=1, help="seeds 0..N-1 per grid point (default 1)")
+    parser.add_argument("--out", required=True, help="the sweep directory")
+    parser.set_defaults(run=_sweep)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from megatron_rl.studies.report import write_report
+
+    try:
+        print(write_report(args.sweep_dir))
+    except FileNotFoundError as exc:
+        print(f"megatron-rl report: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    return 0
+
+
+def _add_report(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "report", help="redraw a sweep's reward plots and markdown report from its directory",
+        description="Reads DIR/sweep.json and the runs' metrics; writes DIR/reward_curves.png, DIR/final_reward.png "
+                    "and DIR/report.md (megatron_rl/studies/report.py).")
+    parser.add_argument("sweep_dir", help="the --out directory of a sweep")
+    parser.set_defaults(run=_report)
+
+
+SUBCOMMANDS = (_add_validate, _add_train, _add_toy_task, _add_serve, _add_convert, _add_plan, _add_sweep, _add_report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -230,6 +230,8 @@ class Trainer:
         samples = self._samples_of(groups)
         metrics = _rollout_metrics(groups, stats, self.buffer.dropped_stale, self.weight_version)
         metrics["rollout/seconds"] = time.perf_counter() - start
+        # the designed mismatch source (constant over the run; each engine's dtype is in the run config)
+        metrics["rollout/logit_noise_std"] = max(engine.logit_noise_std for engine in cfg.rollout.engines)
         return samples, metrics
 
     def _next_generated_batch(self, stats: dict) -> list[Group]:
@@ -333,7 +335,8 @@ def _reward_summary(rewards: list[float], window: int = 10) -> str:
 
 def _mismatch_metrics(plans, old) -> dict[str, float]:
     """Train-inference gap on response tokens: mean |log pi_learner - log pi_rollout| and k3 KL(rollout || learner),
-    summed over this rank's tokens and all-reduced (TP copies count equally in numerator and denominator)."""
+    summed over this rank's tokens and all-reduced on the local device (nccl reduces no CPU tensor; TP copies count
+    equally in numerator and denominator)."""
     sums = torch.zeros(3, dtype=torch.float64)
     for (micro, _), log_probs in zip(plans, old, strict=True):
         if log_probs is None:
@@ -345,6 +348,7 @@ def _mismatch_metrics(plans, old) -> dict[str, float]:
             mask = local.loss_mask.bool()
             diff = (learner_lp.cpu()[mask] - local.rollout_log_probs[mask]).double()
             sums += torch.stack([diff.abs().sum(), (torch.exp(diff) - 1 - diff).sum(), mask.sum().double()])
+    sums = sums.to(local_device())
     dist.all_reduce(sums)
     tokens = max(sums[2].item(), 1.0)
     return {"mismatch/log_prob_abs_diff_mean": sums[0].item() / tokens, "mismatch/kl_k3": sums[1].item() / tokens}

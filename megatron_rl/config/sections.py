@@ -149,6 +149,13 @@ class OptimizerConfig(Section):
         return self
 
 
+_CPU_ONLY = {  # EngineSpec keys that only kind 'cpu' reads, and why an SGLang engine cannot honour them
+    "dtype": "an SGLang engine serves in the dtype SGLang chooses, this key is not passed to it",
+    "logit_noise_std": "SGLang has no logit noise option",
+    "logit_noise_seed": "SGLang has no logit noise option",
+}
+
+
 class EngineSpec(Section):
     """One rollout engine: a real SGLang server, or the built-in CPU engine (`megatron-rl serve`)."""
 
@@ -159,11 +166,19 @@ class EngineSpec(Section):
     launch: bool = True  # the trainer starts (and restarts) this engine; false: attach to a running server
     max_batch_size: PositiveInt = 64  # kind 'cpu': sequences generated together
     threads: PositiveInt = 1  # kind 'cpu': torch threads of the server process
+    dtype: Literal["float32", "bfloat16"] = "float32"  # kind 'cpu': dtype of the served weights and forward
+    # kind 'cpu': N(0, std^2) noise on the tempered logits of every decode step (rollout/logit_noise.py); 0: off
+    logit_noise_std: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    logit_noise_seed: int = 0  # kind 'cpu': with a request's sampling_seed, fixes that noise
 
     @model_validator(mode="after")
     def _check(self) -> Self:
         problems = ErrorCollector()
         problems.require(self.kind != "cpu" or self.tp == 1, "tp", f"must be 1 for kind 'cpu', got {self.tp}")
+        if self.kind == "sglang":
+            for key, why in _CPU_ONLY.items():
+                default, value = type(self).model_fields[key].default, getattr(self, key)
+                problems.require(value == default, key, f"must be {default!r} for kind 'sglang' ({why}), got {value!r}")
         problems.raise_if_any()
         return self
 

@@ -3,6 +3,14 @@ backed by HFGenerator (real generation, real logprobs, real weight loading).
 
     megatron-rl serve --model-path DIR [--host 127.0.0.1] [--port 30000] [--dtype float32|bfloat16]
                       [--max-batch-size 64] [--threads N]          token: env MEGATRON_RL_SERVE_TOKEN or --token
+                      [--logit-noise-std S] [--logit-noise-seed K]
+
+--dtype is the dtype of the served weights and of the forward (logits are cast to float32 for the logprobs).
+--logit-noise-std S > 0 (default 0: off) adds S * eps_t, eps_t ~ N(0, I) over the vocabulary, to the tempered
+logits of every decode step before the logprob and the sampling: the engine's behaviour policy becomes
+mu_t = softmax(logits_t / T + S * eps_t), a train-inference mismatch of known size. eps_t is a function of
+(--logit-noise-seed K, the request's sampling_seed, the output position t) only, so a seeded request gets the same
+noise in any batch (rollout/logit_noise.py has the formula).
 
 Scheduling: each /generate request is queued; one scheduler thread takes what is queued (up to
 --max-batch-size requests), runs it as one batch and answers each request. Between two decode steps
@@ -64,6 +72,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import safe_open
 
 from megatron_rl.rollout.hf_engine import Completion, HFGenerator, SamplingParams, eos_token_ids, load_hf_model
+from megatron_rl.rollout.logit_noise import LogitNoise
 from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
 
 TOKEN_ENV = "MEGATRON_RL_SERVE_TOKEN"
@@ -782,7 +791,8 @@ def _exit_with_parent(parent_pid: int, http_server, interval: float = 1.0) -> No
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 30000, token: str | None = None,
-          no_token: bool = False, dtype: str = "float32", max_batch_size: int = 64, threads: int = 0) -> int:
+          no_token: bool = False, dtype: str = "float32", max_batch_size: int = 64, threads: int = 0,
+          logit_noise_std: float = 0.0, logit_noise_seed: int = 0) -> int:
     """Run the server until SIGTERM / SIGINT; the exit code (EXIT_USAGE when it refuses to start).
     token None: $MEGATRON_RL_SERVE_TOKEN."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -799,9 +809,11 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 30000, token: st
     if threads:
         torch.set_num_threads(threads)
     try:
+        noise = LogitNoise(logit_noise_std, logit_noise_seed)
         model = load_hf_model(model_path, DTYPES[dtype])
-        app = Server(HFGenerator(model, eos_token_ids(model), max_batch_size), model_path, token, is_loopback(host))
-    except (OSError, ValueError) as exc:  # no checkpoint there, a bad --max-batch-size
+        app = Server(HFGenerator(model, eos_token_ids(model), max_batch_size, noise), model_path, token,
+                     is_loopback(host))
+    except (OSError, ValueError) as exc:  # no checkpoint there, a bad --max-batch-size or --logit-noise-std
         return _refuse(str(exc))
     try:
         http_server = make_http_server(app, host, port)
@@ -818,8 +830,9 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 30000, token: st
     if os.environ.get(PARENT_ENV):
         threading.Thread(target=_exit_with_parent, args=(int(os.environ[PARENT_ENV]), http_server), daemon=True,
                          name="parent-watch").start()
-    log.info("serving %s (%s, max batch %d, %d threads) on http://%s:%d; token %s", model_path, dtype, max_batch_size,
-             torch.get_num_threads(), host, http_server.server_address[1],
+    log.info("serving %s (%s, max batch %d, %d threads, logit noise std %g seed %d) on http://%s:%d; token %s",
+             model_path, dtype, max_batch_size, torch.get_num_threads(), noise.std, noise.seed, host,
+             http_server.server_address[1],
              "required for admin endpoints" + ("" if app.loopback else " and /generate") if token else "off")
     try:
         http_server.serve_forever()

@@ -18,6 +18,10 @@ Sampling is the exponential race y_t = argmax_i p_i / E_i with p the (top-k / to
 probabilities and E_i = -log U_i ~ Exp(1) i.i.d., which draws i with probability p_i / sum(p). Each
 row draws its U from its own `torch.Generator` (seeded with `sampling_seed`, or from torch's global
 generator when it has none), so a request's tokens do not depend on the other rows of its batch.
+
+With `logit_noise` (rollout/logit_noise.py, off by default) the tempered logits logits_t / T of every decode step
+get Gaussian noise before both the logprob and the sampling: logprob_t = log_softmax(logits_t / T + S * eps_t)[y_t]
+and y_t is drawn from (greedy: the argmax of) that same distribution, the engine's behaviour policy mu.
 """
 
 import dataclasses
@@ -30,8 +34,11 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from megatron_rl.rollout.logit_noise import LogitNoise
+
 GREEDY_BELOW = 1e-6  # temperatures below this are greedy (SGLang's _SAMPLING_EPS)
 ABORT_MESSAGE = "generation aborted"
+NO_NOISE = LogitNoise()  # the default: logits as the model computes them
 
 
 @dataclass(frozen=True)
@@ -131,12 +138,14 @@ def load_hf_model(path: str, dtype: torch.dtype = torch.float32) -> transformers
 class _RowSampler:
     """The sampling state of the rows of one chunk: per-row [b] tensors and a generator per sampling row."""
 
-    def __init__(self, params: Sequence[SamplingParams], vocab_size: int):
+    def __init__(self, params: Sequence[SamplingParams], vocab_size: int, noise: LogitNoise):
         self.greedy = torch.tensor([p.temperature < GREEDY_BELOW for p in params])
         self.temperature = torch.tensor([1.0 if p.temperature < GREEDY_BELOW else p.temperature for p in params])
         self.top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params])
         self.top_p = torch.tensor([float(p.top_p) for p in params])
         self.generators = [None if p.temperature < GREEDY_BELOW else _generator(p.sampling_seed) for p in params]
+        self.noise = noise
+        self.noise_seeds = [noise.request_seed(p.sampling_seed) for p in params] if noise.enabled else []
         self.vocab_size = vocab_size
         self._summarise()
 
@@ -149,12 +158,17 @@ class _RowSampler:
         self.greedy, self.temperature = self.greedy[rows], self.temperature[rows]
         self.top_k, self.top_p = self.top_k[rows], self.top_p[rows]
         self.generators = [self.generators[row] for row in rows.tolist()]
+        self.noise_seeds = [self.noise_seeds[row] for row in rows.tolist()] if self.noise.enabled else []
         self._summarise()
 
-    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next tokens [b] and their logprobs [b] from float32 logits [b, V]."""
-        logprobs = torch.log_softmax(logits / self.temperature[:, None], dim=-1)
-        tokens = logits.argmax(dim=-1)
+    def __call__(self, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next tokens [b] and their logprobs [b] from float32 logits [b, V] of decode step `step` (0: the first
+        output token): from logits / T, plus the logit noise of each row at that step when it is on."""
+        scaled = logits / self.temperature[:, None]  # greedy rows: T = 1, scaled == logits exactly
+        if self.noise.enabled:
+            scaled = scaled + self.noise(self.noise_seeds, step, logits.shape[-1])
+        logprobs = torch.log_softmax(scaled, dim=-1)
+        tokens = scaled.argmax(dim=-1)
         if self.samples:
             probs = logprobs.exp()
             sampled = self._race(self._filtered(probs) if self.filters else probs)
@@ -214,9 +228,11 @@ class HFGenerator:
     steps would mix two policies in one sample).
     """
 
-    def __init__(self, model: transformers.PreTrainedModel, eos_token_ids: Sequence[int], max_batch_size: int = 64):
+    def __init__(self, model: transformers.PreTrainedModel, eos_token_ids: Sequence[int], max_batch_size: int = 64,
+                 logit_noise: LogitNoise = NO_NOISE):
         if not _is_int(max_batch_size) or max_batch_size < 1:
             raise ValueError(f"max_batch_size: expected an integer >= 1, got {max_batch_size!r}")
+        self.logit_noise = logit_noise
         self.model = model.eval()
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_batch_size = max_batch_size
@@ -270,7 +286,7 @@ class HFGenerator:
         max_new = torch.tensor([p.max_new_tokens for p in params])
         stop_table = _stop_table([set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
                                   for p in params])
-        sampler = _RowSampler(params, self.vocab_size)
+        sampler = _RowSampler(params, self.vocab_size, self.logit_noise)
 
         out_ids = torch.zeros(batch, int(max_new.max()), dtype=torch.long)
         out_logprobs = torch.zeros(batch, int(max_new.max()), dtype=torch.float32)
@@ -282,7 +298,7 @@ class HFGenerator:
                             position_ids=position_ids.to(self.device), past_key_values=cache, use_cache=True,
                             logits_to_keep=1).logits[:, -1].float().cpu()
         for step in range(int(max_new.max())):
-            tokens, logprobs = sampler(logits)
+            tokens, logprobs = sampler(logits, step)
             out_ids[running, step], out_logprobs[running, step] = tokens, logprobs
             stopped = (tokens[:, None] == stop_table).any(dim=-1)
             done = stopped | (max_new == step + 1)

@@ -23,9 +23,11 @@ class EngineStartError(RuntimeError):
 
 
 def cpu_server_command(spec: EngineSpec, model_path: str) -> list[str]:
-    """`megatron-rl serve` for an EngineSpec of kind 'cpu'."""
+    """`megatron-rl serve` for an EngineSpec of kind 'cpu' (floats as repr: they reach the server unrounded)."""
     return [sys.executable, "-m", "megatron_rl.cli", "serve", "--model-path", model_path, "--host", spec.host,
-            "--port", str(spec.port), "--max-batch-size", str(spec.max_batch_size), "--threads", str(spec.threads)]
+            "--port", str(spec.port), "--max-batch-size", str(spec.max_batch_size), "--threads", str(spec.threads),
+            "--dtype", spec.dtype, "--logit-noise-std", repr(spec.logit_noise_std),
+            "--logit-noise-seed", str(spec.logit_noise_seed)]
 
 
 class ServerProcess:
