@@ -1,0 +1,37 @@
+"""megatron_rl/sweep/progress.py: the ETA, durations, and the plain lines written when stdout is not a terminal."""
+
+import pytest
+
+from megatron_rl.sweep.progress import SweepProgress, eta_seconds, format_duration
+
+
+def test_eta_is_the_mean_pace_so_far_times_the_steps_left():
+    assert eta_seconds(elapsed=30.0, done=10, total=40) == pytest.approx(90.0, abs=1e-12)
+    assert eta_seconds(elapsed=30.0, done=40, total=40) == 0.0
+    assert eta_seconds(elapsed=5.0, done=0, total=40) is None
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(None, "?"), (0.4, "0s"), (42, "42s"), (303, "5m03s"),
+                                               (7620, "2h07m")])
+def test_durations(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_plain_lines_show_run_i_of_n_the_step_and_the_eta(capsys):
+    progress = SweepProgress(total_runs=4, total_steps=20, rich_bar=False)
+    progress.start_run(3, "algorithm.loss=kpo__seed=1", 10)
+    assert progress.eta() is None
+    progress.step(4)
+    assert progress.done == 4
+    progress.end_run()
+    progress.start_run(4, "algorithm.loss=vespo__seed=1", 10)
+    progress.step(2)
+    assert progress.done == 12
+    progress.print("a message")
+    progress.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "sweep: run 3/4 algorithm.loss=kpo__seed=1: started, eta ?"
+    assert lines[1].startswith("sweep: run 3/4 algorithm.loss=kpo__seed=1: step 4/10, eta ")
+    assert lines[2].startswith("sweep: run 4/4 algorithm.loss=vespo__seed=1: started, eta ")
+    assert lines[3].startswith("sweep: run 4/4 algorithm.loss=vespo__seed=1: step 2/10, eta ")
+    assert lines[4] == "a message"
