@@ -33,6 +33,7 @@ import torch
 
 from megatron_rl.algorithms.aggregation import GlobalCounts, aggregate, sequence_mean
 from megatron_rl.algorithms.corrections import mismatch_correction
+from megatron_rl.algorithms.diagnostics import PHI_QUANTILES, entropy_metrics, kpo_metrics, rejection_by_length
 from megatron_rl.algorithms.hyperparams import (
     DEFAULT_AGGREGATION,
     FIXED_AGGREGATION,
@@ -177,10 +178,7 @@ def kpo_loss(x: LossInputs, p) -> LossOutput:
         metrics = _clip_metrics(x, clipped)
     else:
         loss, metrics = -x.advantages * ratio, Metrics()
-    metrics.add("token", {"kpo/x_hat_abs_mean": x.ops.mean(x_hat.abs(), x.mask),
-                          "kpo/z_abs_mean": x.ops.mean(x.log_ratio.detach().abs(), x.mask)})
-    metrics.add("max", {"kpo/x_hat_abs_max": x.ops.max(x_hat.abs(), x.mask)})
-    return LossOutput(per_token=loss, metrics=metrics)
+    return LossOutput(per_token=loss, metrics=metrics.merge(kpo_metrics(x, x_hat)))
 
 
 @register("vespo", lambda c: c.vespo)
@@ -198,15 +196,16 @@ def vespo_loss(x: LossInputs, p) -> LossOutput:
     })
     if phi_kept.numel():
         metrics.add("min", {"vespo/phi_min": phi_kept.min()}).add("max", {"vespo/phi_max": phi_kept.max()})
+    metrics.add_quantiles("vespo/phi", phi_kept, PHI_QUANTILES)
     return LossOutput(per_token=-phi[:, None] * x.advantages * x.log_prob, metrics=metrics)
 
 
 def trm_keep(x: LossInputs, p: TRMConfig, prefix: str) -> tuple[torch.Tensor, Metrics]:
     """TRM's sequence mask on log rho = log pi_theta - log mu (detached), and its metrics.
 
-    Besides the acceptance rate, the accepted sequences' largest max_t k2, longest length, sum
-    of sum_t k3 and count: from them `metrics.DERIVED` evaluates the paper's bounds for any union
-    of batches (prefix/bound_*).
+    Besides the acceptance rate and the rejection rate by length (`diagnostics`), the accepted
+    sequences' largest max_t k2, longest length, sum of sum_t k3 and count: from them
+    `metrics.DERIVED` evaluates the paper's bounds for any union of batches (prefix/bound_*).
     """
     log_rho = x.clamp_log_ratio(x.log_prob.detach() - x.behaviour_log_prob)
     keep = trm_mask(log_rho, x.mask, max_k2=p.max_k2, avg_k3=p.avg_k3, ops=x.ops)
@@ -215,6 +214,7 @@ def trm_keep(x: LossInputs, p: TRMConfig, prefix: str) -> tuple[torch.Tensor, Me
     accepted = (keep & nonempty).to(x.mask.dtype)
     zero = accepted.new_zeros(())
     metrics = Metrics().add("sequence", {f"{prefix}/accept_rate": accepted.sum() / nonempty.sum().clamp(min=1)})
+    metrics.merge(rejection_by_length(keep, x.counts, prefix))
     metrics.add("max", {f"{prefix}/accepted_max_k2": torch.maximum(zero, (stats["max_k2"] * accepted).max()),
                         f"{prefix}/accepted_max_length": torch.maximum(zero, (stats["length"] * accepted).max())})
     return keep, metrics.add("sum", {
@@ -270,6 +270,7 @@ def compute_policy_loss(
     config: PolicyLossConfig | None = None,
     cp_group: WholeSequences | None = None,
     step_counts: GlobalCounts | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """The policy loss `name` and its metrics (detached 0-dim tensors).
 
@@ -285,6 +286,7 @@ def compute_policy_loss(
         step_counts: when this batch is one micro-batch of a step, the step's response-token and
             sequence counts (over micro-batches and DP ranks): the losses of the micro-batches
             then add up to the loss of the step. None: normalise over this batch.
+        entropy: [B, T_local] entropy of pi_theta per token, for the metric policy/entropy only.
     """
     config = config if config is not None else PolicyLossConfig()
     if name not in POLICY_LOSSES:
@@ -305,6 +307,8 @@ def compute_policy_loss(
                             _resolve_ops(cp_group), config.max_log_ratio)
     out = spec.fn(x, spec.params(config))
     metrics = _common_metrics(x).merge(out.metrics)
+    if entropy is not None:
+        metrics.merge(entropy_metrics(x, entropy))
     token_w, seq_w = None, None
     if needs_rollout:
         log_w = x.clamp_log_ratio(x.old_log_prob - x.rollout_log_prob)

@@ -54,6 +54,11 @@ class WholeSequences:
         """Masked max over every token of the batch, detached (-inf when the mask is empty)."""
         return self.total_max(torch.where(mask.bool(), x.detach(), float("-inf")).amax())
 
+    def previous_column(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., T_local] -> same shape: at each local column, x at the previous column of the
+        whole sequence (0 at the first column), detached."""
+        return torch.nn.functional.pad(x.detach()[..., :-1], (1, 0))
+
     def global_columns(self, t_local: int, device: torch.device | None = None) -> torch.Tensor:
         """[T_local] int64: the 0-based column in the whole sequence of each local column."""
         return torch.arange(t_local, device=device)

@@ -8,8 +8,8 @@
 `collate`); the learner cuts each into its context-parallel shard. Megatron's schedule runs them
 (no pipelining, 1F1B, or interleaved 1F1B when vpp > 1); on the last pipeline stage the TP-sharded
 logits become per-token log-probs of the labels at the rollout temperature
-(`parallel.vocab_parallel`), and the loss is `compute_policy_loss` with the CP group and the
-step's token / sequence counts.
+(`parallel.vocab_parallel`; in training also the policy's entropy, for policy/entropy), and the
+loss is `compute_policy_loss` with the CP group and the step's token / sequence counts.
 
 Scaling. Each micro-batch's loss is its exact share of the step's loss (global denominators).
 Megatron's schedule divides it by the number of micro-batches M and multiplies it by cp; DDP
@@ -37,7 +37,7 @@ from megatron_rl.algorithms.policy_loss import compute_policy_loss
 from megatron_rl.config import RunConfig
 from megatron_rl.learner.batching import MicroBatch, pad_to_shape
 from megatron_rl.parallel.context_parallel import sequence_ops, split_for_context_parallel
-from megatron_rl.parallel.vocab_parallel import vocab_parallel_log_probs
+from megatron_rl.parallel.vocab_parallel import log_probs_and_entropy, vocab_parallel_log_probs
 from megatron_rl.platform import local_device
 
 
@@ -76,12 +76,17 @@ class PolicyLearner:
         self.temperature = cfg.rollout.sampling.temperature
         self.schedule = get_forward_backward_func()
 
-    def _token_log_probs(self, logits: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-        """[b, s] log pi(label) at the rollout temperature from logits [b, s, V/tp]."""
+    def _token_log_probs(self, logits: torch.Tensor, mb: MicroBatch,
+                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([b, s] log pi(label), [b, s] entropy of pi if with_entropy else None) at the rollout
+        temperature from logits [b, s, V/tp]."""
         b, s, vocab = logits.shape
-        return vocab_parallel_log_probs(logits.reshape(b * s, vocab), mb.labels.reshape(-1),
-                                        parallel_state.get_tensor_model_parallel_group(),
-                                        self.temperature).view(b, s)
+        args = (logits.reshape(b * s, vocab), mb.labels.reshape(-1), parallel_state.get_tensor_model_parallel_group(),
+                self.temperature)
+        if not with_entropy:
+            return vocab_parallel_log_probs(*args).view(b, s), None
+        log_prob, entropy = log_probs_and_entropy(*args)
+        return log_prob.view(b, s), entropy.view(b, s)
 
     def _run(self, micro_batches: list[MicroBatch], loss_fn, forward_only: bool) -> list[dict]:
         """The schedule over micro_batches; loss_fn(index, local_mb, logits) -> (loss, report).
@@ -112,7 +117,7 @@ class PolicyLearner:
         """Per micro-batch [b, S/cp] log-probs of the labels under the current weights (the last
         pipeline stage's; None on other stages). Use them as old_log_probs of later steps."""
         def collect(index, mb, logits):
-            return logits.new_zeros(()), {"index": index, "log_prob": self._token_log_probs(logits, mb)}
+            return logits.new_zeros(()), {"index": index, "log_prob": self._token_log_probs(logits, mb)[0]}
 
         reports = self._run(micro_batches, collect, forward_only=True)
         return [report["log_prob"] for report in reports] if reports else None
@@ -130,14 +135,14 @@ class PolicyLearner:
         problems: list[str] = []
 
         def loss_fn(index, mb, logits):
-            log_prob = self._token_log_probs(logits, mb)
+            log_prob, entropy = self._token_log_probs(logits, mb, with_entropy=True)
             old = old_log_probs[index] if old_log_probs is not None else log_prob.detach()
             try:
                 loss, metrics = compute_policy_loss(
                     self.algorithm.loss, log_prob, old, mb.advantages, mb.loss_mask,
                     rollout_log_prob=mb.rollout_log_probs, config=self.algorithm,
                     cp_group=sequence_ops(parallel_state.get_context_parallel_group(), mb.response_start),
-                    step_counts=step_counts)
+                    step_counts=step_counts, entropy=entropy)
             except NonFiniteInputError as error:
                 problems.append(f"micro-batch {index}: {error}")
                 return logits.sum() * 0.0, {"index": index, "loss": 0.0, "metrics": {}}

@@ -8,6 +8,10 @@ work is then balanced across ranks.
 a process group, so every loss in the registry runs unchanged on a CP shard:
 - seq_sum / total: local partial sums, all-reduced SUM; value global, gradient local.
 - seq_max / total_max: all-reduce MAX (detached): TRM's max criterion.
+- previous_column (adjacent-token pairs, e.g. KPO's sign switches): a shift by one column
+  within each local chunk; a chunk's first column takes the last column of the chunk before it
+  in sequence order, from one all-gather of 2 columns per rank (O(B * cp) values), so every
+  pair that straddles a chunk boundary is seen exactly once, by the rank of its later token.
 - affine_scan (the KPO filter): each local chunk is scanned from x = 0, giving its carry
   (A_c, B_c) = (prod a, x_end); one all-gather of 2 carries per rank and sequence
   (O(B * cp) floats, not O(T)); the exclusive prefix over chunks in sequence order gives each
@@ -99,6 +103,21 @@ class ContextParallelGroup(WholeSequences):
 
     def sequence_length(self, t_local: int) -> int:
         return t_local * self.size
+
+    def previous_column(self, x: torch.Tensor) -> torch.Tensor:
+        length = self._chunk_length(x.shape[-1])
+        x = x.detach()
+        halves = (x[..., :length], x[..., length:])
+        last_columns = torch.stack([half[..., -1] for half in halves]).contiguous()  # [2, ...]
+        gathered = [torch.empty_like(last_columns) for _ in range(self.size)]
+        dist.all_gather(gathered, last_columns, group=self.group)
+        last_of_chunk = {chunk: gathered[rank][local_index] for rank in range(self.size)
+                         for local_index, chunk in enumerate(zigzag_chunks(rank, self.size))}
+        shifted = []
+        for half, chunk in zip(halves, zigzag_chunks(self.rank, self.size), strict=True):
+            before = last_of_chunk[chunk - 1] if chunk > 0 else torch.zeros_like(half[..., -1])
+            shifted.append(torch.cat([before[..., None], half[..., :-1]], dim=-1))
+        return torch.cat(shifted, dim=-1)
 
     def affine_scan(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """x_t = a_t x_{t-1} + b_t over the whole sequence; a: [T_local] or [B, T_local]. No grad."""
