@@ -264,7 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also follow the options (`sweep CONFIG --out DIR key=value`): argparse has
+    # already closed the positional list when it meets them
+    if extra and (not hasattr(args, "overrides") or any(arg.startswith("-") for arg in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     return args.run(args)
 
 
