@@ -52,8 +52,9 @@ from megatron_rl.models.hf_checkpoint import SafetensorsCheckpoint
 from megatron_rl.models.hf_mapping import megatron_to_hf
 from megatron_rl.parallel.state import initialize_parallel
 from megatron_rl.platform import local_device
-from megatron_rl.rollout.engines import launch_engines
+from megatron_rl.rollout.engines import launch_engines, stop_engines
 from megatron_rl.rollout.fleet import Fleet
+from megatron_rl.rollout.router import launch_router
 from megatron_rl.rollout.weight_sync import WeightSync
 from megatron_rl.tracking import Tracker
 
@@ -104,9 +105,15 @@ class Trainer:
         self.rewards = RewardComputer(load_reward_fn(cfg.data.reward))
         token = _engine_token(cfg)
         engines = launch_engines(cfg.rollout, cfg.model.hf_path, self.run_dir / "engines", token)
+        try:
+            router = launch_router(cfg.rollout, engines, self.run_dir / "engines", token) \
+                if cfg.rollout.router.enabled else None
+        except BaseException:
+            stop_engines(engines)
+            raise
         self.weight_sync = WeightSync(engines, cfg.rollout.weight_sync)
         self.fleet = Fleet(engines, cfg.rollout.max_concurrency, cfg.rollout.max_retries,
-                           resync=self.weight_sync.resync)
+                           resync=self.weight_sync.resync, router=router)
         self.buffer = RolloutBuffer(cfg.rollout.max_staleness)
         self.sampling_params = _sampling_params(cfg)
         self._generating: Future | None = None

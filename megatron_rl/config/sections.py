@@ -207,6 +207,19 @@ class WeightSyncConfig(Section):
     verify_tensors: PositiveInt = 4  # how many tensors "checksum" samples per sync
 
 
+class RouterConfig(Section):
+    """sglang-router in front of the engines: /generate goes through it (its `policy` picks the engine);
+    weight updates, health checks and restarts still go to each engine directly."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 30999
+    launch: bool = True  # the trainer starts (and restarts) the router; false: use the one at host:port
+    policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] = 30998  # its Prometheus exporter (always on)
+    health_check_interval: PositiveInt = 5  # seconds between the router's checks of each engine
+
+
 class RolloutConfig(Section):
     """The rollout fleet and how it samples.
 
@@ -225,6 +238,7 @@ class RolloutConfig(Section):
     max_retries: NonNegativeInt = 3  # a failed request is retried on another engine this many times
     startup_timeout: PositiveFloat = 300.0  # seconds for a launched engine to answer /health_generate
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -235,6 +249,9 @@ class RolloutConfig(Section):
             first = first_at.setdefault(address, index)
             problems.require(first == index, f"engines[{index}]",
                              f"has the same host:port as engines[{first}] ({engine.host}:{engine.port})")
+            router = (self.router.host, self.router.port) if self.router.enabled else None
+            problems.require(address != router, f"engines[{index}]",
+                             f"has the host:port of rollout.router ({engine.host}:{engine.port})")
         problems.raise_if_any()
         return self
 

@@ -35,9 +35,12 @@ Each generation reports the weight_version its last token came from, and weight_
 Security: binds 127.0.0.1 unless --host says otherwise. A token is required to start (else the
 server refuses, exit code 2); `--no-token` serves without one and is accepted on a loopback address
 only. With a token, `Authorization: Bearer <token>` is required by every admin endpoint (weights,
-pause, abort, flush), and by /generate, /get_weight_version and /get_model_info too when bound to a
-non-loopback address; /health and /health_generate are open, as in SGLang. 401: no token, 403: a wrong
-one. /update_weights_from_tensor takes a base64 safetensors file, never SGLang's pickle.
+pause, abort, flush), and by /generate, /get_weight_version and /get_model_info (alias /model_info) too
+when bound to a non-loopback address; /health and /health_generate are open, as in SGLang. 401: no
+token, 403: a wrong one. /update_weights_from_tensor takes a base64 safetensors file, never SGLang's pickle.
+Behind sglang-router: /generate accepts the GenerateReqInput fields the router adds (model,
+log_metrics, no_logs, and return_hidden_states / return_entropy / return_bytes / background /
+return_text_in_logprobs at false), and the router passes the client's Authorization header on.
 
 Not implemented: text prompts, streaming, prompt logprobs, top logprobs, n > 1, a prefix cache
 (/flush_cache answers 200 with nothing to flush), aborting a request whose client disconnected.
@@ -320,6 +323,12 @@ _KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
 }
 
 
+# Fields of SGLang's GenerateReqInput that sglang-router always forwards: accepted at these values only.
+_ROUTER_DEFAULTS = {"model": ("any", None), "log_metrics": ("bool", True), "no_logs": ("bool", False),
+                    **{name: ("false", False) for name in ("return_text_in_logprobs", "return_hidden_states",
+                                                           "background", "return_bytes", "return_entropy")}}
+
+
 def _fields(body: dict, required: dict[str, str], optional: dict[str, tuple[str, object]]) -> dict:
     """The body's fields, checked: `required` name -> kind, `optional` name -> (kind, default); 400 naming the
     first unknown, missing or ill-typed field."""
@@ -372,7 +381,7 @@ class Server:
         if "text" in body:
             raise HTTPError(400, "text: not supported (this server takes token ids): send input_ids")
         fields = _fields(body, {"input_ids": "any"}, {"sampling_params": ("any", None), "return_logprob": (
-            "bool", False), "rid": ("any", None), "stream": ("false", False)})
+            "bool", False), "rid": ("any", None), "stream": ("false", False), **_ROUTER_DEFAULTS})
         requests, single = self._requests(fields["input_ids"], fields["sampling_params"], fields["rid"])
         start = time.perf_counter()
         self.scheduler.submit(requests)
@@ -496,6 +505,8 @@ class Server:
     def get_model_info(self, body: dict) -> dict:
         return {"model_path": self.model_path, "tokenizer_path": self.model_path, "is_generation": True,
                 "weight_version": self.scheduler.weight_version}
+
+    model_info = get_model_info  # SGLang's newer name, which sglang-router asks first
 
     def get_weights_by_name(self, body: dict) -> list[float]:
         fields = _fields(body, {"name": "str"}, {"truncate_size": ("int", 100)})
@@ -663,6 +674,7 @@ _ROUTES = {
     "/generate": _Route(("POST", "PUT"), "reader"),
     "/get_weight_version": _Route(("GET",), "reader"),
     "/get_model_info": _Route(("GET",), "reader"),
+    "/model_info": _Route(("GET",), "reader"),
     "/flush_cache": _Route(("GET", "POST"), "admin"),
     "/pause_generation": _Route(("POST",), "admin"),
     "/continue_generation": _Route(("POST",), "admin"),

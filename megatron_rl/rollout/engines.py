@@ -37,7 +37,7 @@ def launch_engines(rollout: RolloutConfig, model_path: str, log_dir: str | Path,
         client = EngineClient(f"http://{spec.host}:{spec.port}", token=token, timeout=rollout.request_timeout)
         process = None
         if spec.launch:
-            if _listening(spec.host, spec.port):
+            if listening(spec.host, spec.port):
                 raise EngineStartError(f"rollout.engines[{index}]: something already listens on "
                                        f"{spec.host}:{spec.port} (a server left from another run?); stop it, choose "
                                        "another port, or set launch: false to use it as the engine")
@@ -54,7 +54,15 @@ def launch_engines(rollout: RolloutConfig, model_path: str, log_dir: str | Path,
     return engines
 
 
-def _listening(host: str, port: int) -> bool:
+def stop_engines(engines: list[Engine]) -> None:
+    """Stop every engine process that was launched."""
+    for engine in engines:
+        if engine.process is not None:
+            engine.process.stop()
+
+
+def listening(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections at host:port."""
     with socket.socket() as sock:
         sock.settimeout(1.0)
         return sock.connect_ex((host, port)) == 0

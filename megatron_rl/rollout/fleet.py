@@ -4,15 +4,19 @@
     generations = fleet.generate(prompts, sampling_params)   # generations[i] answers prompts[i]
 
 Routing: each request goes to the ready engine with the fewest requests in flight, at most
-`max_concurrency` per engine (the engines batch concurrent requests themselves).
+`max_concurrency` per engine (the engines batch concurrent requests themselves). With a `router`
+(rollout/router.py: sglang-router in front of the engines) every request goes to the router instead,
+at most `max_concurrency` x engines in flight, and the router picks the engine.
 
 Failure: a request whose engine fails (connection refused / reset, HTTP error, timeout) or that
 comes back aborted is put back in the queue and retried, on another engine when there is one,
-up to `max_retries` times. The engine that failed is checked with /health_generate; if it does
-not answer and the fleet launched it, the process is restarted, waited for, and re-synced to the
-current weights (`resync`) before it takes requests again; an engine that cannot be recovered
-stays out. Every prompt is answered exactly once: `generate` returns one generation per prompt,
-in order, and `stats` counts what happened.
+up to `max_retries` times. The engine that failed (behind a router: the router, and every engine
+after a failure and after each batch, since the router retries around a dead engine by itself) is
+checked with /health_generate; if it does not answer and the fleet launched it, the process is
+restarted, waited for, and re-synced to the current weights (`resync`; not the router) before it
+takes requests again; an engine that cannot be recovered stays out. Every prompt is answered
+exactly once: `generate` returns one generation per prompt, in order, and `stats` counts what
+happened.
 """
 
 import itertools
@@ -24,6 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from megatron_rl.rollout.engines import Engine
+from megatron_rl.rollout.engines import stop_engines as stop_engine_processes
 from megatron_rl.rollout.protocol import Generation
 
 log = logging.getLogger(__name__)
@@ -43,11 +48,12 @@ class _Job:
 
 class Fleet:
     def __init__(self, engines: Sequence[Engine], max_concurrency: int, max_retries: int,
-                 resync: Callable[[Engine], None] | None = None):
+                 resync: Callable[[Engine], None] | None = None, router: Engine | None = None):
         if not engines:
             raise ValueError("a fleet needs at least one engine (rollout.engines is empty)")
-        self.engines, self.max_concurrency, self.max_retries = list(engines), max_concurrency, max_retries
-        self.resync = resync
+        self.engines, self.max_retries, self.resync, self.router = list(engines), max_retries, resync, router
+        self.targets = self.engines if router is None else [router]  # where requests go
+        self.max_concurrency = max_concurrency if router is None else max_concurrency * len(self.engines)
         self.stats: Counter = Counter()
         self._route_lock = threading.Lock()
         self._slot_freed = threading.Condition(self._route_lock)
@@ -78,6 +84,8 @@ class Fleet:
                     continue
                 queue.append(self._retry(job, engine, failure, engine_failed=not failure.startswith("aborted")))
         self.stats["prompts"] += len(prompts)
+        for engine in self.engines if self.router is not None else ():
+            self._check(engine, failed=False)  # the router may have retried around a dead engine: find it
         return results
 
     def _call(self, engine: Engine, input_ids: list[int], sampling_params: dict) -> Generation:
@@ -96,22 +104,24 @@ class Fleet:
         if engine_failed:
             self.stats["engine_failures"] += 1
             self._check(engine)
-        job.avoid = engine if len(self.engines) > 1 else None
+            for behind_router in self.engines if engine is self.router else ():
+                self._check(behind_router, failed=False)
+        job.avoid = engine if len(self.targets) > 1 else None
         return job
 
     def _acquire(self, avoid: Engine | None) -> Engine:
         """The ready engine (not `avoid` if another is ready) with the fewest requests in flight; waits for a slot."""
         with self._slot_freed:
             while True:
-                ready = [e for e in self.engines if e.ready and e.in_flight < self.max_concurrency]
+                ready = [e for e in self.targets if e.ready and e.in_flight < self.max_concurrency]
                 preferred = [e for e in ready if e is not avoid] or ready
                 if preferred:
                     engine = min(preferred, key=lambda e: e.in_flight)
                     engine.in_flight += 1
                     return engine
-                if not any(e.ready or e.process is not None for e in self.engines):
+                if not any(e.ready or e.process is not None for e in self.targets):
                     raise FleetError("no rollout engine is left: " + ", ".join(
-                        f"{e.url} ({e.failures} failures)" for e in self.engines))
+                        f"{e.url} ({e.failures} failures)" for e in self.targets))
                 self._slot_freed.wait(timeout=1.0)
 
     def _release(self, engine: Engine) -> None:
@@ -119,12 +129,13 @@ class Fleet:
             engine.in_flight -= 1
             self._slot_freed.notify_all()
 
-    def _check(self, engine: Engine) -> None:
-        """After a failure: keep the engine if it still generates, else take it out and recover it in the background."""
+    def _check(self, engine: Engine, failed: bool = True) -> None:
+        """After a failure (of a request on this engine when `failed`): keep the engine if it still generates,
+        else take it out and recover it in the background."""
         with engine.lock:
             if not engine.ready:
                 return  # already being recovered
-            engine.failures += 1
+            engine.failures += failed
             if engine.client.health_generate():
                 return
             engine.ready = False
@@ -138,7 +149,7 @@ class Fleet:
             engine.process.stop()
             engine.process.start()
             engine.process.wait_until_ready(engine.client, engine.startup_timeout)
-            if self.resync is not None:
+            if self.resync is not None and engine is not self.router:
                 self.resync(engine)
         except Exception as exc:  # noqa: BLE001 - reported, and the engine stays out of rotation
             log.error("engine %s could not be recovered: %s", engine.url, exc)
@@ -154,11 +165,10 @@ class Fleet:
         log.warning("engine %s restarted and re-synced", engine.url)
 
     def shutdown(self, stop_engines: bool = True) -> None:
-        """Stop the thread pool and (stop_engines) every process the fleet launched."""
+        """Stop the thread pool and (stop_engines) every process the fleet launched, the router's first."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for engine in self.engines if stop_engines else ():
-            if engine.process is not None:
-                engine.process.stop()
+        if stop_engines:
+            stop_engine_processes(([self.router] if self.router else []) + self.engines)
 
 
 def _failure_of(future: Future) -> str | None:

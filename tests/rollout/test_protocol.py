@@ -274,6 +274,17 @@ def test_a_batch_answers_each_prompt_in_order(client, base):
     assert alone.output_ids == generations[3].output_ids
 
 
+def test_generate_takes_the_fields_sglang_router_adds(server, token, base):
+    """sglang-router 0.3.2 re-sends every request with these GenerateReqInput fields (measured)."""
+    body = {"model": None, "input_ids": PROMPTS[0], "sampling_params": {**GREEDY, "max_new_tokens": 3},
+            "return_logprob": True, "return_text_in_logprobs": False, "stream": False, "log_metrics": True,
+            "return_hidden_states": False, "background": False, "no_logs": False, "return_bytes": False,
+            "return_entropy": False, "rid": "through-router"}
+    status, answer = raw_post(server.url, "/generate", json.dumps(body).encode(), token)
+    assert status == 200, answer
+    assert answer["meta_info"]["id"] == "through-router" and len(answer["output_ids"]) == 3
+
+
 def test_stop_token_and_length_finish_reasons(client, base):
     free = client.generate(PROMPTS[0], {**GREEDY, "max_new_tokens": 10})
     stop = free.output_ids[4]
@@ -590,6 +601,7 @@ BAD_REQUESTS = [
     ("/generate", {"input_ids": [[1], [2]], "sampling_params": [{}]}, "sampling_params", "500"),
     ("/generate", {"input_ids": [1], "rid": ["a", "b"]}, "rid", "500"),
     ("/generate", {"input_ids": [1], "stream": True}, "stream", "it streams"),
+    ("/generate", {"input_ids": [1], "return_hidden_states": True}, "return_hidden_states", "it returns them"),
     ("/pause_generation", {"mode": "sleep"}, "mode", None),
     ("/update_weights_from_disk", {}, "model_path", None),
     ("/update_weights_from_disk", {"model_path": "/no/such/dir"}, "model_path", "400 without the field's name"),

@@ -255,7 +255,8 @@ def wandb_core_pids():
         if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"wandb-core" in cmdline:
             yield int(pid)
 
-tracker = Tracker(TrackingConfig(wandb_mode="offline", run_name="r", jsonl_path="metrics.jsonl"), {{}}, run_dir=Path({str(tmp_path)!r}))
+config = TrackingConfig(wandb_mode="offline", run_name="r", jsonl_path="metrics.jsonl")
+tracker = Tracker(config, {{}}, run_dir=Path({str(tmp_path)!r}))
 tracker.log(1, {{"train/loss": 0.5}})
 pids = list(wandb_core_pids())
 assert pids, "no wandb-core child found"
