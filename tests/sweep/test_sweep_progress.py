@@ -35,3 +35,13 @@ def test_plain_lines_show_run_i_of_n_the_step_and_the_eta(capsys):
     assert lines[2].startswith("sweep: run 4/4 algorithm.loss=vespo__seed=1: started, eta ")
     assert lines[3].startswith("sweep: run 4/4 algorithm.loss=vespo__seed=1: step 2/10, eta ")
     assert lines[4] == "a message"
+
+
+def test_the_rich_bar_runs_through_a_sweep(capsys):
+    progress = SweepProgress(total_runs=1, total_steps=2, rich_bar=True)
+    progress.start_run(1, "seed=0", 2)
+    progress.step(2)
+    progress.print("above the bar")
+    progress.end_run()
+    progress.close()
+    assert progress.done == 2 and "above the bar" in capsys.readouterr().out
