@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megatron_rl.algorithms.diagnostics import sign_flips
 from megatron_rl.algorithms.hyperparams import (
     CISPOConfig,
     CorrectionsConfig,
@@ -27,7 +28,7 @@ from megatron_rl.algorithms.hyperparams import (
 )
 from megatron_rl.algorithms.kalman import kalman_filter
 from megatron_rl.algorithms.policy_loss import POLICY_LOSSES, compute_policy_loss
-from megatron_rl.algorithms.sequence_ops import WholeSequences
+from megatron_rl.algorithms.sequence_ops import WHOLE_SEQUENCES, WholeSequences
 from megatron_rl.parallel.context_parallel import (
     ContextParallelGroup,
     gather_from_context_parallel,
@@ -70,10 +71,11 @@ def make_batch() -> dict[str, torch.Tensor]:
     old = log_prob + torch.randn(BATCH, LENGTH, generator=gen, dtype=torch.float64) * 0.15
     rollout = old + torch.randn(BATCH, LENGTH, generator=gen, dtype=torch.float64) * 0.05
     adv = torch.tensor([1.0, -0.7, 0.4, -1.2, 0.9, -0.1], dtype=torch.float64)[:, None].expand(-1, LENGTH)
+    entropy = torch.rand(BATCH, LENGTH, generator=gen, dtype=torch.float64) * 2
     padding = mask == 0
     log_prob = log_prob.masked_fill(padding, float("nan"))  # padding must not matter
     return {"log_prob": log_prob, "old": old.masked_fill(padding, float("-inf")), "rollout": rollout,
-            "adv": adv.contiguous(), "mask": mask}
+            "adv": adv.contiguous(), "mask": mask, "entropy": entropy.masked_fill(padding, float("nan"))}
 
 
 PROMPT = 16  # the prompt-layout cases put 16 masked prompt columns before the responses
@@ -100,7 +102,7 @@ def loss_and_grad(name, config, batch, shard, cp_group):
     log_prob = shard(batch["log_prob"]).clone().requires_grad_()
     loss, metrics = compute_policy_loss(
         loss_name, log_prob, shard(batch["old"]), shard(batch["adv"]), shard(batch["mask"]),
-        rollout_log_prob=shard(batch["rollout"]), config=config, cp_group=cp_group)
+        rollout_log_prob=shard(batch["rollout"]), config=config, cp_group=cp_group, entropy=shard(batch["entropy"]))
     (grad,) = torch.autograd.grad(loss, log_prob)
     return loss.detach(), grad.nan_to_num(), metrics
 
@@ -142,7 +144,31 @@ def compare_primitives(batch, cp):
     out["gather_split_roundtrip"] = (gather_from_context_parallel(split(values), cp.group) - values).abs().max().item()
     out["positions"] = (gather_from_context_parallel(cp.positions(LENGTH // cp.size), cp.group)
                         - torch.arange(1, LENGTH + 1)).abs().max().item()
+    shifted = torch.nn.functional.pad(values[..., :-1], (1, 0))
+    out["previous_column"] = (split(shifted) - cp.previous_column(split(values))).abs().max().item()
     return out
+
+
+def boundary_switches(batch, cp) -> dict[str, list[float]]:
+    """Sign flips of a hand-built series whose sign alternates every 6 tokens, so that the flips
+    sit at chunk boundaries (all of them for cp = 4, every other one for cp = 2): the CP count,
+    the direct loop over each sequence, and the naive count (each rank's shard alone, summed)."""
+    mask = batch["mask"]
+    columns = torch.arange(LENGTH, dtype=torch.float64)
+    series = ((-1.0) ** (columns // 6) * (1 + columns / LENGTH)).expand(BATCH, -1)[None]  # [1, B, T]
+    flips, pairs = sign_flips(split_for_context_parallel(series, cp.rank, cp.size),
+                              split_for_context_parallel(mask, cp.rank, cp.size), cp)
+    loop = [0, 0]
+    for row in range(BATCH):
+        for t in range(1, LENGTH):
+            if mask[row, t - 1] and mask[row, t]:
+                loop[1] += 1
+                loop[0] += int(series[0, row, t - 1] * series[0, row, t] < 0)
+    naive_flips, naive_pairs = sign_flips(split_for_context_parallel(series, cp.rank, cp.size),
+                                          split_for_context_parallel(mask, cp.rank, cp.size), WHOLE_SEQUENCES)
+    naive = torch.cat([naive_flips, naive_pairs[None]])
+    dist.all_reduce(naive)
+    return {"cp": [flips.item(), pairs.item()], "loop": loop, "naive": naive.tolist()}
 
 
 def main(out_dir: str) -> None:
@@ -156,7 +182,8 @@ def main(out_dir: str) -> None:
         cases.update({f"{name}/{label}": compare_case(name, CASES[name], with_prompt(batch, starts), cp_ops,
                                                       WholeSequences(response_start=starts))
                       for name in PROMPT_CASES})
-    results = {"cases": cases, "primitives": compare_primitives(batch, cp)}
+    results = {"cases": cases, "primitives": compare_primitives(batch, cp),
+               "boundary_switches": boundary_switches(batch, cp)}
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

@@ -73,3 +73,31 @@ def test_primitives(results, world):
     for rank_results in results[world]:
         for name, diff in rank_results["primitives"].items():
             assert diff <= 1e-12, (name, diff)
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_sign_switch_pairs_across_chunk_boundaries_are_counted_once(results, world):
+    """Lengths 48, 37, 11, 1, 0, 29 hold 121 adjacent pairs; the series flips sign every 6 tokens
+    (18 flips), at chunk boundaries for cp = 4 and at every other one for cp = 2. Without the CP
+    group the boundary pairs are lost and the two chunks of a rank are wrongly joined."""
+    for rank_results in results[world]:
+        counts = rank_results["boundary_switches"]
+        assert counts["loop"] == [18, 121]
+        assert counts["cp"] == counts["loop"]
+        assert counts["naive"] != counts["loop"]
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_diagnostics_are_present_and_not_degenerate(results, world):
+    cases = results[world][0]["cases"]
+    for case in ("kpo/q=1e-2", "kpo/q=1e-2/ragged-prompt"):
+        metrics = cases[case]["metrics"]
+        assert 0 < metrics["kpo/x_hat_switch_freq"] < metrics["kpo/z_switch_freq"] < 1, metrics
+        assert 0 < metrics["kpo/x_hat_var"] < metrics["kpo/z_var"], metrics
+    vespo = cases["vespo"]["metrics"]
+    assert vespo["vespo/phi_min"] < vespo["vespo/phi_p10"] < vespo["vespo/phi_p50"] < vespo["vespo/phi_p90"]
+    rates = {key.removeprefix("trm/reject_rate_len_"): value for key, value in cases["trm"]["metrics"].items()
+             if "reject_rate_len_" in key}
+    assert set(rates) == {"1-1", "8-15", "16-31", "32-63"}  # lengths 1, 11, 29 and 37, 48
+    assert min(rates.values()) == 0 and max(rates.values()) == 1, rates
+    assert all(0.5 < case["metrics"]["policy/entropy"] < 1.5 for case in cases.values())
