@@ -18,10 +18,10 @@ servers' logs land in DIR/<name>/), checkpoint.dir = DIR/<name>/checkpoints, tra
 metrics.jsonl, checkpoint.resume = false (a restarted run starts from scratch). These keys and data.seed
 belong to the sweep: setting them in the overrides or the grid is an error.
 
-Seeds: data.seed = the run's seed is the one seed of a run. It seeds the prompt order (PromptSampler) and
-every learner RNG: Python's, NumPy's, torch's and Megatron's tracker (parallel/state.initialize_parallel).
-The initial weights are model.hf_path's, whatever the seed; the rollout server samples from an unseeded
-generator (the trainer sends no sampling_seed), so two runs of one seed are not identical.
+Seeds: data.seed is the one seed key of a run config, and the sweep sets it to the run's seed. It seeds the
+prompt order (PromptSampler) and every learner RNG: Python's, NumPy's, torch's and Megatron's tracker
+(parallel/state.initialize_parallel); anything else the trainer seeds must derive from it too. The initial
+weights are model.hf_path's, whatever the seed.
 """
 
 import hashlib
