@@ -36,7 +36,7 @@ from megatron_rl.sweep.grid import SEED_KEY, GridAxis, RunPoint, expand_grid
 from megatron_rl.sweep.launch import launch_run, with_free_engine_ports
 from megatron_rl.sweep.progress import SweepProgress
 from megatron_rl.sweep.run_dir import METRICS_FILE, RunDir, reward_summary
-from megatron_rl.sweep.summary import write_summary
+from megatron_rl.sweep.summary import SUMMARY_FILE, write_summary
 
 SWEEP_KEYS = ("tracking.dir", "tracking.run_name", "tracking.jsonl_path", "checkpoint.dir", "checkpoint.resume",
               SEED_KEY)
@@ -141,7 +141,7 @@ def run_sweep(spec: SweepSpec, run_fn: RunFunction = launch_run, *, rich_bar: bo
     failed = [run.point.name for run in planned if records[run.point.name].status == "failed"]
     reused = sum(record.reused for record in records.values())
     print(f"sweep: {len(planned) - len(failed)} of {len(planned)} runs finished ({reused} finished before); "
-          f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; summary in {spec.out / 'sweep.json'}",
+          f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; summary in {spec.out / SUMMARY_FILE}",
           flush=True)
     return 1 if failed else 0
 
