@@ -6,7 +6,9 @@ Every learner rank runs `Trainer(cfg).fit()`. Rank 0 is also the driver: it owns
 sampler, the rollout fleet, the rewards, the weight push and the metrics; the other ranks receive
 each step's samples from it. One step:
 
-    rollout    driver: prompts -> fleet.generate (n per prompt) -> rewards -> GRPO-style advantages
+    rollout    driver: prompts -> fleet.generate (n per prompt, each request with its own sampling_seed from
+               data.seed and its place in the run: a rerun or a resume asks for the same samples)
+               -> rewards -> GRPO-style advantages
                (async: the batch of step k+1 is generated while step k trains; samples older than
                rollout.max_staleness weight versions are dropped and counted)
     train      all ranks: pi_old log-probs recomputed (forward only), then data.num_mini_batches
@@ -21,6 +23,7 @@ checkpoint after the step in progress, on every rank, then exits with STOPPED_EX
 launch/slurm/rl.sbatch answers with a requeue. A resume cuts the metrics file after its checkpoint's step.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -251,9 +254,12 @@ class Trainer:
 
     def _generate(self, stats: dict) -> list[Group]:
         cfg = self.cfg
+        first_draw = self.sampler.drawn
         prompts = self.sampler.next_batch(cfg.data.rollout_batch_size)
         n = cfg.rollout.n_samples_per_prompt
-        generations = self.fleet.generate([p.prompt_ids for p in prompts for _ in range(n)], self.sampling_params)
+        params = [{**self.sampling_params, "sampling_seed": rollout_seed(cfg.data.seed, first_draw + i // n, i % n)}
+                  for i in range(len(prompts) * n)]
+        generations = self.fleet.generate([p.prompt_ids for p in prompts for _ in range(n)], params)
         texts = self.tokenizer.batch_decode([g.output_ids for g in generations], skip_special_tokens=True)
         prompt_texts = self.tokenizer.batch_decode([p.prompt_ids for p in prompts], skip_special_tokens=True)
         items = [(prompt_texts[i // n], text, prompts[i // n].answer, prompts[i // n].metadata)
@@ -290,6 +296,13 @@ class Trainer:
 
 def _engine_token(cfg: RunConfig) -> str:
     return os.environ.get(cfg.rollout.token_env) or secrets.token_hex(16)
+
+
+def rollout_seed(seed: int, draw: int, sample: int) -> int:
+    """The sampling_seed of sample `sample` of the `draw`-th prompt the run has drawn (counted over epochs): the
+    same config gives the same requests, after a resume too; 31 bits (SGLang uses it only in deterministic mode)."""
+    digest = hashlib.sha256(f"rollout:{seed}:{draw}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def _sampling_params(cfg: RunConfig) -> dict:

@@ -276,6 +276,11 @@ class PromptSampler:
         random.Random(f"{self.seed}:{epoch}").shuffle(order)
         return order
 
+    @property
+    def drawn(self) -> int:
+        """How many prompts all batches so far have taken (epoch x prompts + position)."""
+        return self.epoch * len(self.prompts) + self.position
+
     def next_batch(self, n: int) -> list[Prompt]:
         if n < 1:
             raise ValueError(f"batch size must be >= 1, got {n}")

@@ -60,8 +60,12 @@ class Fleet:
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency * len(self.engines), thread_name_prefix="rollout")
         self._rids = itertools.count()
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling_params: dict) -> list[Generation]:
-        """One generation per prompt, in order. FleetError if a prompt cannot be answered."""
+    def generate(self, prompts: Sequence[Sequence[int]], sampling_params: dict | Sequence[dict]) -> list[Generation]:
+        """One generation per prompt, in order; `sampling_params` for all, or one dict per prompt (a retried
+        request keeps its own, its sampling_seed included). FleetError if a prompt cannot be answered."""
+        params = [sampling_params] * len(prompts) if isinstance(sampling_params, dict) else list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
         results: list[Generation | None] = [None] * len(prompts)
         pending: dict[Future, tuple[_Job, Engine]] = {}
         queue = [_Job(index) for index in range(len(prompts))]
@@ -69,7 +73,7 @@ class Fleet:
             while queue:
                 job = queue.pop()
                 engine = self._acquire(job.avoid)
-                future = self._pool.submit(self._call, engine, list(prompts[job.index]), sampling_params)
+                future = self._pool.submit(self._call, engine, list(prompts[job.index]), params[job.index])
                 pending[future] = (job, engine)
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:

@@ -144,6 +144,23 @@ def test_an_engine_nobody_can_restart_is_dropped_with_a_clear_error():
     fleet.shutdown()
 
 
+def test_per_prompt_seeds_give_each_prompt_its_own_samples_wherever_it_runs(engines):
+    fleet = Fleet(engines, max_concurrency=3, max_retries=1)
+    params = [{"temperature": 1.0, "max_new_tokens": 6, "ignore_eos": True, "sampling_seed": 100 + i}
+              for i in range(12)]
+    generations = fleet.generate([PROBE] * 12, params)
+    assert len({tuple(g.output_ids) for g in generations}) > 1  # the same prompt, other seeds: other samples
+    for engine in engines:
+        for i in (0, 7):
+            alone = engine.client.generate(PROBE, params[i])
+            assert alone.output_ids == generations[i].output_ids  # logprobs: batched matmuls round differently
+            assert max(map(abs, torch.tensor(alone.output_logprobs) - torch.tensor(generations[i].output_logprobs)))\
+                <= 1e-5
+    with pytest.raises(ValueError, match="2 sampling_params for 3 prompts"):
+        fleet.generate([PROBE] * 3, params[:2])
+    fleet.shutdown(stop_engines=False)
+
+
 def test_retries_are_bounded_and_name_the_prompt(engines):
     from megatron_rl.rollout.fleet import FleetError
 

@@ -234,7 +234,7 @@ def test_sampler_epochs_are_seeded_permutations_joined_across_batches():
         random.Random(f"3:{epoch}").shuffle(order)
     assert drawn == (epochs[0] + epochs[1] + epochs[2])[:12]
     assert sorted(drawn[:5]) == sorted(drawn[5:10]) == list(range(5)) and drawn[:5] != drawn[5:10]
-    assert (sampler.epoch, sampler.position) == (2, 2)
+    assert (sampler.epoch, sampler.position, sampler.drawn) == (2, 2, 12)
     assert indices(PromptSampler(make_prompts(5), seed=4).next_batch(5)) != drawn[:5]
 
 
