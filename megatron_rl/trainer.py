@@ -15,7 +15,8 @@ each step's samples from it. One step:
                optimizer steps of the policy loss (mini-batch k is k-1 updates off-policy)
     sync       all ranks gather the full weights to rank 0 (learner.export), which maps them to
                HF names and pushes them to every engine as weight version step + 1
-    log        rollout/*, train/*, mismatch/*, perf/*, sync/* to JSONL / wandb / the console
+    log        rollout/*, train/*, mismatch/*, perf/*, sync/* to JSONL / wandb / the console (the resolved
+               config: <tracking.dir>/<run_name>/config.yaml and the wandb run's config)
     checkpoint every checkpoint.save_interval steps: model, optimizer, sampler cursor, weight version
 
 Stopping: SIGTERM exits at once (the engines this rank started are stopped). SIGUSR1 to any rank saves a
@@ -41,10 +42,12 @@ import torch.distributed as dist
 from megatron_rl.algorithms.advantages import compute_advantages
 from megatron_rl.algorithms.aggregation import GlobalCounts
 from megatron_rl.config import RunConfig
+from megatron_rl.config.loader import dump_config
 from megatron_rl.convert import load_hf_weights
 from megatron_rl.data.buffer import Group, RolloutBuffer, generated_by
 from megatron_rl.data.datasets import PromptSampler, load_prompts
 from megatron_rl.data.rewards import RewardComputer, load_reward_fn
+from megatron_rl.files import write_atomically
 from megatron_rl.learner.batching import RolloutSample, collate, plan_micro_batches
 from megatron_rl.learner.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from megatron_rl.learner.export import full_parameters
@@ -98,6 +101,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         cfg = self.cfg
+        write_atomically(self.run_dir / "config.yaml", dump_config(cfg))  # what this run was started with
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer_path or cfg.model.hf_path)
         prompts, report = load_prompts(cfg.data.train_path, self.tokenizer, prompt_key=cfg.data.prompt_key,
                                        messages_key=cfg.data.messages_key, answer_key=cfg.data.answer_key,

@@ -76,6 +76,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_rl.config import ModelConfig
+from megatron_rl.files import fsync_path, write_atomically, write_synced
 
 logger = logging.getLogger(__name__)
 
@@ -224,22 +225,22 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: Sequence[tor
                 "distributed": distributed, "format": optimizer_format if distributed else "per_parameter"},
             "scheduler": scheduler is not None,
         }
-        _write_synced(tmp / METADATA, json.dumps(meta, indent=2) + "\n")
+        write_synced(tmp / METADATA, json.dumps(meta, indent=2) + "\n")
     dist.barrier()
 
     if rank == 0:
         # Megatron's writer fsyncs its shard files and .metadata; the rest is flushed here
-        _fsync_file(tmp / "metadata.json")
+        fsync_path(tmp / "metadata.json")
         for directory in (tmp / RNG_DIR, tmp):
-            _fsync_dir(directory)
+            fsync_path(directory)
         replaced = root / f"iter_{step:07d}.replaced"
         if final.exists():  # a re-save of this step (e.g. after resuming from an older one)
             if replaced.exists():
                 shutil.rmtree(replaced)
             final.rename(replaced)
         tmp.rename(final)
-        _fsync_dir(root)
-        _write_atomically(root / LATEST, f"{step}\n")
+        fsync_path(root)
+        write_atomically(root / LATEST, f"{step}\n")
         if replaced.exists():
             shutil.rmtree(replaced)
         _prune(root, step, keep_last)
@@ -280,37 +281,11 @@ def _prune(root: Path, current: int, keep_last: int | None) -> None:
                        "they are from an earlier run and were kept", root, newer, current)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _write_synced(tmp, text)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-
-
 def _save_synced(obj, path: Path) -> None:
     with open(path, "wb") as file:
         torch.save(obj, file)
         file.flush()
         os.fsync(file.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync_file(path)  # a directory's entries (renames, new files)
 
 
 def _require_psutil() -> None:

@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_rl.files import write_atomically
 from megatron_rl.tracking import read_metrics_jsonl
 
 REWARD_METRIC = "rollout/reward_mean"
@@ -64,9 +65,7 @@ class RunDir:
         """Write the marker (atomically: a crash leaves no marker or a whole one). `settings` identifies the
         run's configuration, so that a later sweep with other settings does not take this run as its own."""
         record = {"wall_seconds": wall_seconds, "steps": steps, "settings": settings}
-        partial = self.marker_path.with_suffix(".partial")
-        partial.write_text(json.dumps(record, indent=1) + "\n")
-        partial.replace(self.marker_path)
+        write_atomically(self.marker_path, json.dumps(record, indent=1) + "\n")
 
     def clear(self) -> None:
         """Remove everything an earlier, unfinished attempt left; leave an empty directory."""

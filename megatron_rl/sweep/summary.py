@@ -18,15 +18,15 @@ import json
 import math
 from pathlib import Path
 
+from megatron_rl.files import write_atomically
+
 SUMMARY_FILE = "sweep.json"
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:
     """Write DIR/sweep.json atomically (a reader never sees half a file); NaN and inf are written as null."""
     path = out_dir / SUMMARY_FILE
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(_finite_or_null(summary), indent=1, allow_nan=False) + "\n")
-    partial.replace(path)
+    write_atomically(path, json.dumps(_finite_or_null(summary), indent=1, allow_nan=False) + "\n")
 
 
 def read_summary(out_dir: str | Path) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_rl.config import load_config
 from megatron_rl.tracking import read_metrics_jsonl
 from megatron_rl.wandb_reader import read_wandb_run
 
@@ -32,17 +33,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train(tmp: Path, *overrides: str, engine_keys: str = "") -> subprocess.CompletedProcess:
-    """The quickstart config for STEPS steps on the toy task in tmp/task, everything written under tmp; one cpu
-    engine with `engine_keys` ("key: value, ...") besides its kind and port."""
+def train(tmp: Path, *overrides: str, engine_keys: str = "", config: Path = ROOT / "configs" / "quickstart.yaml",
+          out: str = "") -> subprocess.CompletedProcess:
+    """`config` (the quickstart) for STEPS steps on the toy task in tmp/task, everything written under tmp (or
+    tmp/out); one cpu engine with `engine_keys` ("key: value, ...") besides its kind and port."""
     engine = ", ".join(filter(None, ["kind: cpu", f"port: {free_port()}", engine_keys]))
     paths = [
         f"model.hf_path={tmp / 'task' / 'model'}", f"data.train_path={tmp / 'task' / 'train.jsonl'}",
-        f"data.train_steps={STEPS}", f"tracking.dir={tmp / 'runs'}", f"checkpoint.dir={tmp / 'checkpoints'}",
+        f"data.train_steps={STEPS}", f"tracking.dir={tmp / out / 'runs'}",
+        f"checkpoint.dir={tmp / out / 'checkpoints'}",
         f"checkpoint.save_interval={STEPS}", f"rollout.engines=[{{{engine}}}]",
     ]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "megatron_rl.cli", "train", str(ROOT / "configs" / "quickstart.yaml"), *paths, *overrides]
+               "-m", "megatron_rl.cli", "train", str(config), *paths, *overrides]
     result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
@@ -95,6 +98,19 @@ def test_wandb_offline_run_has_the_same_metrics(run):
     for h, row in zip(history, jsonl, strict=True):
         assert h["rollout/reward_mean"] == pytest.approx(row["rollout/reward_mean"], abs=0)
         assert h["sync/version"] == row["sync/version"]
+
+
+def test_the_saved_config_reproduces_the_run_sample_for_sample(run):
+    """config.yaml is the resolved config; rollouts are seeded from data.seed, so training it again (other
+    directories and port) generates the same tokens, hence the same rewards and losses, step for step."""
+    tmp, _ = run
+    saved = tmp / "runs" / "quickstart" / "config.yaml"
+    assert load_config(saved).model_dump(mode="json", by_alias=True) == \
+        read_wandb_run(tmp / "runs" / "quickstart" / "wandb").config
+    train(tmp, config=saved, out="again")
+    first, again = (read_metrics_jsonl(tmp / out / "runs" / "quickstart" / "metrics.jsonl") for out in ("", "again"))
+    for name in ("rollout/reward_mean", "rollout/response_length_mean", "train/loss"):
+        assert [row[name] for row in again] == [row[name] for row in first], name
 
 
 def test_last_step_is_checkpointed_with_its_weight_version(run):
