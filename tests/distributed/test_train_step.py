@@ -7,6 +7,7 @@ the initial one), so ratios, clips and masks are exercised. See step_worker.py.
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -62,6 +63,27 @@ def test_the_twin_does_real_work(runs):
     for kind in ("dense", "moe"):
         accept = [step["metrics"]["train/trm/accept_rate"] for step in reference[f"{kind}/trm"]]
         assert any(0 < rate < 1 for rate in accept), (kind, accept)
+
+
+def test_the_twin_logs_the_diagnostics(runs):
+    """The diagnostics the layouts are compared on are there and not degenerate on the off-policy
+    steps. (The KPO switch frequencies are 0 here: this tiny near-uniform model moves every token of
+    a response the way of its advantage; the CP loss test checks them on flipping log-ratios.)"""
+    reference = runs["reference.rank0"]
+    for key, steps in reference.items():
+        assert all(0 < step["metrics"]["train/policy/entropy"] <= math.log(128) for step in steps), key
+    for kind in ("dense", "moe"):
+        for step in reference[f"{kind}/kpo"][1:]:
+            metrics = step["metrics"]
+            assert 0 < metrics["train/kpo/x_hat_var"] < metrics["train/kpo/z_var"], metrics
+            assert metrics["train/kpo/x_hat_abs_std"] > 0 and "train/kpo/z_switch_freq" in metrics
+        for step in reference[f"{kind}/vespo"][1:]:
+            quantiles = [step["metrics"][f"train/vespo/phi_p{level}"] for level in (10, 50, 90)]
+            assert quantiles == sorted(set(quantiles)), quantiles
+        rates = [value for step in reference[f"{kind}/trm"] for name, value in step["metrics"].items()
+                 if name.startswith("train/trm/reject_rate_len_")]
+        assert any(0 < rate < 1 for rate in rates), (kind, rates)
+        assert all("train/trm/bound_unified" in step["metrics"] for step in reference[f"{kind}/trm"][1:])
 
 
 def test_non_finite_logits_skip_the_step_on_every_rank(runs):
