@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 
-def write_synced(path: Path, text: str) -> None:
-    """Write `text` to `path` and fsync it."""
-    with open(path, "w") as file:
-        file.write(text)
+def write_synced(path: Path, content: str | bytes) -> None:
+    """Write `content` to `path` and fsync it."""
+    with open(path, "wb") as file:
+        file.write(content.encode() if isinstance(content, str) else content)
         file.flush()
         os.fsync(file.fileno())
 

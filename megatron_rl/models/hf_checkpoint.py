@@ -26,6 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_rl.files import fsync_path, write_synced
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -108,12 +110,12 @@ def write_safetensors(directory: str | os.PathLike, named_tensors: Iterable[tupl
         shards = _write_shards(staging, named_tensors, max_shard_bytes)
         _name_shards(staging, shards)
         for name, content in (extra_files or {}).items():
-            _write_synced(staging / name, content.encode() if isinstance(content, str) else content)
+            write_synced(staging / name, content)
         os.rename(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync(directory.parent)
+    fsync_path(directory.parent)
     return directory
 
 
@@ -141,7 +143,7 @@ def _write_shards(staging: Path, named_tensors: Iterable[tuple[str, torch.Tensor
 
 def _save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
     save_file(tensors, path, metadata={"format": "pt"})
-    _fsync(path)
+    fsync_path(path)
     return {name: tensor.nbytes for name, tensor in tensors.items()}
 
 
@@ -156,23 +158,10 @@ def _name_shards(staging: Path, shards: list[dict[str, int]]) -> None:
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(sum(shard.values()) for shard in shards)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    _write_synced(staging / INDEX_FILE, json.dumps(index, indent=2).encode())
+    write_synced(staging / INDEX_FILE, json.dumps(index, indent=2).encode())
 
 
 def _standalone(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU tensor owning its storage (safetensors refuses views that share memory)."""
     tensor = tensor.detach().to("cpu").contiguous()
     return tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()
-
-
-def _write_synced(path: Path, content: bytes) -> None:
-    path.write_bytes(content)
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -79,9 +79,13 @@ class Job:
         deadline = time.monotonic() + timeout
         while not done():
             state = self.field("JobState")
-            if time.monotonic() > deadline or state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-                pytest.fail(f"job {self.id} ({state}): {what} did not happen within {timeout:.0f} s; end of its "
-                            f"output:\n{self.output()[-6000:]}")
+            ended = state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+            if ended and done():  # it ended since done() was asked (COMPLETING -> COMPLETED)
+                return
+            if time.monotonic() > deadline or ended:
+                what_failed = "did not happen before the job ended" if ended else f"did not happen in {timeout:.0f} s"
+                pytest.fail(f"job {self.id} ({state}): {what} {what_failed}; end of its output:\n"
+                            f"{self.output()[-6000:]}")
             time.sleep(0.2)
 
     def wait_restarted(self, restarts: int) -> None:
