@@ -7,7 +7,8 @@ For a grid point with finished seeds s = 1..S and reward curves r_s(t) (rollout/
 over the steps t logged by every one of its seeds. Each seed's reward_final (the last step's) and
 reward_last_10pct (the mean over the last ceil(10 %) of steps), from sweep.json, are summarised by the same
 mean / min / max.
-Failed and pending runs are left out (and counted).
+Failed and pending runs are left out (and counted). `metric_curves` gives the same mean / min / max curves
+for any per-step metric of the runs' metrics.jsonl.
 """
 
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ class PointResult:
     """One grid point: its label, its finished seeds, curves over common steps, final rewards."""
 
     label: str
+    grid_point: dict[str, str]  # grid key -> value text
     seeds: tuple[int, ...]
     steps: tuple[int, ...]
     curve: tuple[Spread, ...]  # one per step of `steps`
@@ -48,25 +50,52 @@ def _spread_or_none(values: list[float]) -> Spread | None:
     return spread(values) if values else None
 
 
+@dataclass(frozen=True)
+class Curve:
+    """A metric of one grid point per step: mean / min / max over its finished seeds."""
+
+    label: str
+    grid_point: dict[str, str]
+    steps: tuple[int, ...]  # the steps at which every finished seed logged the metric
+    values: tuple[Spread, ...]  # one per step
+
+
 def aggregate(summary: dict) -> list[PointResult]:
     """The grid points of a sweep summary (sweep.json), in the order they first appear."""
+    return [_point(label, runs) for label, runs in _runs_by_point(summary).items()]
+
+
+def metric_curves(summary: dict, metric: str) -> list[Curve]:
+    """`metric` per step for each grid point of the sweep summary (a point whose runs never log it: no steps)."""
+    curves = []
+    for label, runs in _runs_by_point(summary).items():
+        steps, values = _curve([run for run in runs if run["status"] == "finished"], metric)
+        curves.append(Curve(label, dict(runs[0]["grid_point"]), steps, values))
+    return curves
+
+
+def _runs_by_point(summary: dict) -> dict[str, list[dict]]:
     by_point: dict[str, list[dict]] = {}
     for run in summary["runs"]:
         by_point.setdefault(point_label(run["grid_point"].items()), []).append(run)
-    return [_point(label, runs) for label, runs in by_point.items()]
+    return by_point
 
 
 def _point(label: str, runs: list[dict]) -> PointResult:
     finished = [run for run in runs if run["status"] == "finished"]
-    curves = [_reward_by_step(Path(run["dir"]) / METRICS_FILE) for run in finished]
-    steps = sorted(set.intersection(*(set(curve) for curve in curves))) if curves else []
+    steps, curve = _curve(finished, REWARD_METRIC)
     finals, tails, walls = ([run[key] for run in finished if run[key] is not None]
                             for key in ("reward_final", "reward_last_10pct", "wall_seconds"))
-    return PointResult(label, tuple(run["seed"] for run in finished), tuple(steps),
-                       tuple(spread([curve[step] for curve in curves]) for step in steps),
+    return PointResult(label, dict(runs[0]["grid_point"]), tuple(run["seed"] for run in finished), steps, curve,
                        _spread_or_none(finals), _spread_or_none(tails), tuple(tails),
                        sum(walls) / len(walls) if walls else None, len(runs) - len(finished))
 
 
-def _reward_by_step(metrics_path: Path) -> dict[int, float]:
-    return {row["step"]: row[REWARD_METRIC] for row in read_metrics_jsonl(metrics_path) if REWARD_METRIC in row}
+def _curve(finished: list[dict], metric: str) -> tuple[tuple[int, ...], tuple[Spread, ...]]:
+    by_run = [_metric_by_step(Path(run["dir"]) / METRICS_FILE, metric) for run in finished]
+    steps = sorted(set.intersection(*(set(values) for values in by_run))) if by_run else []
+    return tuple(steps), tuple(spread([values[step] for values in by_run]) for step in steps)
+
+
+def _metric_by_step(metrics_path: Path, metric: str) -> dict[int, float]:
+    return {row["step"]: row[metric] for row in read_metrics_jsonl(metrics_path) if row.get(metric) is not None}

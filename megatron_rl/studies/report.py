@@ -43,6 +43,8 @@ def report_markdown(summary: dict, points: list[PointResult], title: str) -> str
         f"- config: `{summary['config']}`",
         f"- overrides for every run: {_code_list(summary['overrides']) or 'none'}",
         *(f"- grid: `{key}` = {_code_list(values)}" for key, values in grid.items()),
+        *(f"  - `{value}`: {_code_list(overrides) or 'the base config'}"
+          for variants in summary.get("variants", {}).values() for value, overrides in variants.items()),
         f"- seeds (data.seed): {', '.join(map(str, summary['seeds']))}",
         f"- runs: {len(runs)}, finished {len(finished)}, failed "
         f"{sum(run['status'] == 'failed' for run in runs)}, not run {sum(run['status'] == 'pending' for run in runs)}",

@@ -10,6 +10,10 @@ name, so `1e-4` names a run `...=1e-4`, not `...=0.0001`.
 
 A run's name is `KEY=VALUE__KEY=VALUE__seed=S` with the full dotted keys in the order of the --grid
 options; characters other than letters, digits and `.+-` in a value become `_`.
+
+A named-variant axis (built in code, e.g. by a study; not a --grid option) gives each value a set of
+overrides instead: `GridAxis("variant", ("trm-max", "trm-avg"), ((...overrides of trm-max), (...)))`; its key
+is a label, not a config key, and a run of value i gets the overrides i.
 """
 
 import hashlib
@@ -31,10 +35,28 @@ class GridError(ValueError):
 
 @dataclass(frozen=True)
 class GridAxis:
-    """One --grid option: a dotted config key and its values, as given."""
+    """One --grid option: a dotted config key and its values, as given. With `variants`, a named-variant
+    axis: `key` is a label and value i stands for the `key=value` overrides variants[i]."""
 
     key: str
     values: tuple[str, ...]
+    variants: tuple[tuple[str, ...], ...] | None = None
+
+    def __post_init__(self):
+        if self.variants is not None and len(self.variants) != len(self.values):
+            raise GridError(f"axis {self.key}: {len(self.values)} values but {len(self.variants)} override sets")
+
+    def overrides(self, value: str) -> tuple[str, ...]:
+        """The overrides that set this axis to `value`."""
+        if self.variants is None:
+            return (f"{self.key}={value}",)
+        return self.variants[self.values.index(value)]
+
+    def config_keys(self) -> tuple[str, ...]:
+        """The config keys this axis sets."""
+        if self.variants is None:
+            return (self.key,)
+        return tuple(dict.fromkeys(text.partition("=")[0].strip() for texts in self.variants for text in texts))
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,7 @@ class RunPoint:
 
     point: tuple[tuple[str, str], ...]  # (key, value text) in the order of the --grid options
     seed: int
+    point_overrides: tuple[str, ...] = ()  # the overrides of the point; default: `key=value` for each of `point`
 
     @property
     def name(self) -> str:
@@ -54,7 +77,8 @@ class RunPoint:
 
     def overrides(self) -> list[str]:
         """The grid point and the seed as `key=value` overrides."""
-        return [f"{key}={value}" for key, value in self.point] + [f"{SEED_KEY}={self.seed}"]
+        point = self.point_overrides or tuple(f"{key}={value}" for key, value in self.point)
+        return [*point, f"{SEED_KEY}={self.seed}"]
 
 
 def point_label(point: Iterable[tuple[str, str]]) -> str:
@@ -106,10 +130,12 @@ def expand_grid(axes: list[GridAxis], seeds: int) -> list[RunPoint]:
     repeated = sorted({key for key in keys if keys.count(key) > 1})
     if repeated:
         raise GridError(f"--grid: the key(s) {', '.join(repeated)} are given by more than one --grid option")
-    if SEED_KEY in keys:
+    if SEED_KEY in (key for axis in axes for key in axis.config_keys()):
         raise GridError(f"--grid {SEED_KEY}: the seeds are set by --seeds N (runs seed 0..N-1)")
-    points = [tuple(zip(keys, values, strict=True)) for values in product(*(axis.values for axis in axes))]
-    runs = [RunPoint(point, seed) for seed in range(seeds) for point in points]
+    points = [(tuple(zip(keys, values, strict=True)),
+               tuple(text for axis, value in zip(axes, values, strict=True) for text in axis.overrides(value)))
+              for values in product(*(axis.values for axis in axes))]
+    runs = [RunPoint(point, seed, overrides) for seed in range(seeds) for point, overrides in points]
     first_with_name: dict[str, RunPoint] = {}
     for run in runs:
         other = first_with_name.setdefault(run.name, run)

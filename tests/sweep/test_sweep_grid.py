@@ -87,3 +87,24 @@ def test_a_key_in_two_grid_options_the_seed_key_and_zero_seeds_are_refused():
 
 def test_run_point_overrides_put_the_seed_last():
     assert RunPoint((("a.b", "1"),), 4).overrides() == ["a.b=1", "data.seed=4"]
+
+
+def test_a_named_variant_axis_expands_each_value_to_its_overrides():
+    variants = GridAxis("variant", ("clip", "masked"), (("algorithm.loss=ppo", "algorithm.ppo.eps_high=0.28"),
+                                                        ("algorithm.loss=trm",)))
+    runs = expand_grid([variants, parse_grid_option("data.num_mini_batches=1,4")], seeds=1)
+    assert [run.name for run in runs] == ["variant=clip__data.num_mini_batches=1__seed=0",
+                                          "variant=clip__data.num_mini_batches=4__seed=0",
+                                          "variant=masked__data.num_mini_batches=1__seed=0",
+                                          "variant=masked__data.num_mini_batches=4__seed=0"]
+    assert runs[1].overrides() == ["algorithm.loss=ppo", "algorithm.ppo.eps_high=0.28", "data.num_mini_batches=4",
+                                   "data.seed=0"]
+    assert runs[2].point == (("variant", "masked"), ("data.num_mini_batches", "1"))
+    assert variants.config_keys() == ("algorithm.loss", "algorithm.ppo.eps_high")
+
+
+def test_a_variant_axis_needs_one_override_set_per_value_and_may_not_set_the_seed():
+    with pytest.raises(GridError, match="axis variant: 2 values but 1 override sets"):
+        GridAxis("variant", ("a", "b"), (("algorithm.loss=ppo",),))
+    with pytest.raises(GridError, match="--grid data.seed: the seeds are set by --seeds N"):
+        expand_grid([GridAxis("variant", ("a",), (("data.seed=3",),))], seeds=1)
