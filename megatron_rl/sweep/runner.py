@@ -89,7 +89,7 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
     """Every run with its validated config; SweepError listing every problem (nothing has run yet)."""
     out = spec.out.resolve()
     set_keys = [("override", text.partition("=")[0].strip()) for text in spec.overrides]
-    set_keys += [("--grid", axis.key) for axis in spec.axes]
+    set_keys += [("--grid", key) for axis in spec.axes for key in axis.config_keys()]
     problems = [f"{where} {key}: set by the sweep for every run{' (use --seeds)' if key == SEED_KEY else ''}"
                 for where, key in set_keys if any(k == key or k.startswith(f"{key}.") for k in SWEEP_KEYS)]
     if problems:
@@ -192,4 +192,7 @@ def _write(spec: SweepSpec, planned: list[PlannedRun], records: dict[str, RunRec
                      "reward_last_10pct": rewards["last_10pct"], "error": record.error})
     write_summary(spec.out, {
         "command": spec.command, "config": str(spec.config), "overrides": list(spec.overrides),
-        "grid": {axis.key: list(axis.values) for axis in spec.axes}, "seeds": list(range(spec.seeds)), "runs": runs})
+        "grid": {axis.key: list(axis.values) for axis in spec.axes},
+        "variants": {axis.key: {value: list(axis.overrides(value)) for value in axis.values}
+                     for axis in spec.axes if axis.variants is not None},
+        "seeds": list(range(spec.seeds)), "runs": runs})
