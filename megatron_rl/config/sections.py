@@ -205,6 +205,7 @@ class WeightSyncConfig(Section):
     bucket_mb: PositiveFloat = 256.0  # tensors are sent in buckets of about this many MiB
     verify: Literal["checksum", "none"] = "checksum"  # re-read sampled tensors from every engine after a sync
     verify_tensors: PositiveInt = 4  # how many tensors "checksum" samples per sync
+    flatten: bool = True  # one uint8 broadcast per bucket (load_format "flattened_bucket"); false: one per tensor
 
 
 class RouterConfig(Section):

@@ -29,6 +29,10 @@ trainer can reopen its session; end without a session is a 400). /update_weights
 /update_weights_from_disk may run outside one, as in SGLang (it is one call: it waits for the running
 batch, loads, and generation goes on). Every update receives or reads all tensors first and copies them
 only when all are valid (HFGenerator.load_weights), cast to the model's dtype, then sets weight_version.
+/update_weights_from_distributed takes SGLang's load_format: null receives one broadcast per tensor;
+"flattened_bucket" receives one uint8 broadcast holding every tensor's bytes back to back in the order of names,
+each at a byte offset that is a multiple of its itemsize (rollout/flat_bucket.py; an unaligned layout or a
+negative dimension is a 400 before anything is received); any other value is a 400.
 Each generation reports the weight_version its last token came from, and weight_versions
 [{version, start, end}] over its output tokens (several only when an update happened while it was held).
 
@@ -74,6 +78,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import safe_open
 
+from megatron_rl.rollout.flat_bucket import LOAD_FORMAT, byte_offsets, unflatten
 from megatron_rl.rollout.hf_engine import Completion, HFGenerator, SamplingParams, eos_token_ids, load_hf_model
 from megatron_rl.rollout.logit_noise import LogitNoise
 from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
@@ -318,6 +323,8 @@ _KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "version": (lambda v: v is None or isinstance(v, str | int) and not isinstance(v, bool) and str(v) != "",
                 "a non-empty string or null"),
     "null": (lambda v: v is None, "null (the only value this server supports)"),
+    "load_format": (lambda v: v is None or v == LOAD_FORMAT,
+                    f"null (one broadcast per tensor) or {LOAD_FORMAT!r} (one uint8 broadcast of all their bytes)"),
     "false": (lambda v: v is False, "false (the only value this server supports)"),
     "any": (lambda v: True, ""),
 }
@@ -563,7 +570,7 @@ class Server:
     def update_weights_from_distributed(self, body: dict) -> dict:
         f = _fields(body, {"names": "any", "dtypes": "any", "shapes": "any"}, {
             "group_name": ("str", DEFAULT_GROUP), "weight_version": ("version", None), "flush_cache": ("bool", True),
-            "abort_all_requests": ("bool", False), "load_format": ("null", None)})
+            "abort_all_requests": ("bool", False), "load_format": ("load_format", None)})
         self._require_session("update_weights_from_distributed")
         names = _str_list(f["names"], "names")
         dtypes = [self._dtype(d, f"dtypes[{i}]") for i, d in enumerate(_str_list(f["dtypes"], "dtypes", len(names)))]
@@ -571,22 +578,37 @@ class Server:
             raise HTTPError(400, f"shapes: expected {len(names)} shapes (one per entry of names), "
                                  f"got {f['shapes']!r:.100}")
         shapes = [_int_list(s, f"shapes[{i}]") for i, s in enumerate(f["shapes"])]
-        tensors = []
-        with self._groups_lock:  # one receiver at a time: the broadcasts arrive in order
-            group = self.groups.get(f["group_name"])
-            if group is None:
-                raise HTTPError(400, f"group_name: no group {f['group_name']!r} (call /init_weights_update_group "
-                                     "first)")
-            for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
-                tensor = torch.empty(shape, dtype=dtype)
-                try:
-                    dist.broadcast(tensor, src=0, group=group)
-                except Exception as exc:  # noqa: BLE001 - a peer that left or timed out
-                    raise HTTPError(400, f"receiving {name!r} from rank 0 of group {f['group_name']!r} "
-                                         f"failed: {exc}") from exc
-                tensors.append((name, tensor))
+        tensors = self._receive(f["group_name"], names, dtypes, shapes, f["load_format"] == LOAD_FORMAT)
         self._load(tensors, f["weight_version"], f["abort_all_requests"], "update_weights_from_distributed")
         return {"success": True, "message": "Succeeded to update parameter online."}
+
+    def _receive(self, group_name: str, names: list[str], dtypes: list[torch.dtype], shapes: list[list[int]],
+                 flattened: bool) -> list[tuple[str, torch.Tensor]]:
+        """The tensors broadcast by rank 0 of the group: one broadcast per tensor, or (flattened) one uint8
+        broadcast of all their bytes, laid out as rollout/flat_bucket.py says (an unaligned layout is refused
+        before anything is received, as SGLang does)."""
+        if flattened:
+            try:
+                size = byte_offsets(names, dtypes, shapes)[1]
+            except ValueError as exc:
+                raise HTTPError(400, f"load_format {LOAD_FORMAT!r}: {exc} (nothing was received)") from exc
+            buffers = [(f"the flattened bucket of {len(names)} tensors", torch.empty(size, dtype=torch.uint8))]
+        else:
+            buffers = [(repr(name), torch.empty(shape, dtype=dtype))
+                       for name, dtype, shape in zip(names, dtypes, shapes, strict=True)]
+        with self._groups_lock:  # one receiver at a time: the broadcasts arrive in order
+            group = self.groups.get(group_name)
+            if group is None:
+                raise HTTPError(400, f"group_name: no group {group_name!r} (call /init_weights_update_group first)")
+            for what, buffer in buffers:
+                try:
+                    dist.broadcast(buffer, src=0, group=group)
+                except Exception as exc:  # noqa: BLE001 - a peer that left or timed out
+                    raise HTTPError(400, f"receiving {what} from rank 0 of group {group_name!r} failed: {exc}"
+                                    ) from exc
+        if flattened:
+            return unflatten(buffers[0][1], names, dtypes, shapes)
+        return [(name, buffer) for name, (_, buffer) in zip(names, buffers, strict=True)]
 
     def update_weights_from_tensor(self, body: dict) -> dict:
         if "serialized_named_tensors" in body:

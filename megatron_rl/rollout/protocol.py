@@ -18,7 +18,8 @@ Wire format (JSON; field names are SGLang's):
     POST /init_weights_update_group {master_address, master_port, rank_offset, world_size, group_name, backend}
          /destroy_weights_update_group {group_name}
          /begin_weight_update {}, /end_weight_update {}      (required around from_distributed / from_tensor)
-         /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache, weight_version}
+         /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache, weight_version,
+                                           load_format: null | "flattened_bucket"}
          /update_weights_from_disk {model_path, weight_version, flush_cache}
          /update_weights_from_tensor {safetensors: base64 of a safetensors file, flush_cache, weight_version}
          /get_weights_by_name {name, truncate_size} -> the parameter's first values
@@ -174,13 +175,16 @@ class EngineClient:
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                         group_name: str = "weight_update_group", weight_version: str | None = None,
-                                        flush_cache: bool = True) -> None:
+                                        flush_cache: bool = True, load_format: str | None = None) -> None:
         """Blocks until the engine received every tensor: call it from a thread while rank 0 broadcasts
-        them, in this order, over the group (dtypes like "float32", "bfloat16")."""
+        them, in this order, over the group (dtypes like "float32", "bfloat16"); with load_format
+        "flattened_bucket", one uint8 tensor holding them all (rollout/flat_bucket.py)."""
         body = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
                 "flush_cache": flush_cache}
         if weight_version is not None:
             body["weight_version"] = weight_version
+        if load_format is not None:
+            body["load_format"] = load_format
         self._call("POST", "/update_weights_from_distributed", body)
 
     def update_weights_from_tensor(self, named_tensors: list[tuple[str, torch.Tensor]],

@@ -11,15 +11,19 @@ process is rank 0, the engine rank 1; made on first use with /init_weights_updat
 restarted engine rejoins without disturbing the others. A push opens /begin_weight_update on
 every engine, then for each bucket of about `bucket_mb` MiB posts
 /update_weights_from_distributed (names, dtypes, shapes, weight_version) to every engine while
-broadcasting the bucket's tensors in order over each engine's group, and closes with
-/end_weight_update. Verification ("checksum"): every engine reports its weight_version, and the
-first 100 values of `verify_tensors` sampled tensors (/get_weights_by_name) must equal what was
-sent (in the engine's precision); a mismatch raises WeightSyncError. SGLang 0.5.23 answers
-/get_weights_by_name for Llama-family models only: for others its version is checked, with a
-warning.
+broadcasting the bucket over each engine's group, and closes with /end_weight_update. With `flatten`
+(the default) the bucket is copied once into one uint8 tensor, its tensors ordered by itemsize so that
+each starts aligned (rollout/flat_bucket.py, SGLang's load_format "flattened_bucket"), and sent in one
+broadcast; without, each tensor is copied and broadcast on its own.
 
-The last pushed tensors are kept (a host copy, the model's size) so that `resync` can bring a
-restarted engine to the current version without a collective over the learner ranks.
+Verification ("checksum"): every engine reports its weight_version, and the first 100 values of
+`verify_tensors` sampled tensors (/get_weights_by_name) must equal what was sent (in the engine's
+precision); a mismatch raises WeightSyncError. SGLang 0.5.23 answers /get_weights_by_name for
+Llama-family models only: for others its version is checked, with a warning.
+
+The last pushed tensors are kept (the copies made for sending: views into the flattened buckets,
+the model's size in all) so that `resync` can bring a restarted engine to the current version without
+a collective over the learner ranks.
 """
 
 import logging
@@ -37,6 +41,7 @@ import torch.distributed as dist
 
 from megatron_rl.config.sections import WeightSyncConfig
 from megatron_rl.rollout.engines import Engine
+from megatron_rl.rollout.flat_bucket import LOAD_FORMAT, flatten
 from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
 from megatron_rl.rollout.protocol import EngineError
 
@@ -97,8 +102,7 @@ class WeightSync:
         self._each(targets, _begin_session)
         try:
             for bucket in buckets_of(named_tensors, int(self.config.bucket_mb * 2**20)):
-                bucket = [(name, t.detach().clone(memory_format=torch.contiguous_format)) for name, t in bucket]
-                self._send_bucket(targets, bucket, version)
+                bucket = self._send_bucket(targets, bucket, version)
                 kept.extend(bucket)
                 report.tensors += len(bucket)
                 report.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
@@ -118,19 +122,29 @@ class WeightSync:
         if self.version is not None:
             self.push(self.latest, self.version, engines=[engine])
 
-    def _send_bucket(self, engines: list[Engine], bucket: list[tuple[str, torch.Tensor]], version: int) -> None:
+    def _send_bucket(self, engines: list[Engine], bucket: list[tuple[str, torch.Tensor]], version: int
+                     ) -> list[tuple[str, torch.Tensor]]:
+        """Copy the bucket, send the copy to every engine; returns the copy (name, tensor), in the order sent."""
+        if self.config.flatten:
+            flat, bucket = flatten(bucket)
+            broadcasts, load_format = [flat], LOAD_FORMAT
+        else:
+            bucket = [(name, t.detach().clone(memory_format=torch.contiguous_format)) for name, t in bucket]
+            broadcasts, load_format = [tensor for _, tensor in bucket], None
         names = [name for name, _ in bucket]
         dtypes = [str(tensor.dtype).removeprefix("torch.") for _, tensor in bucket]
         shapes = [list(tensor.shape) for _, tensor in bucket]
         groups = [self._group(engine) for engine in engines]
         requests = [self._pool.submit(engine.client.update_weights_from_distributed, names=names, dtypes=dtypes,
-                                      shapes=shapes, group_name=name, weight_version=str(version), flush_cache=True)
+                                      shapes=shapes, group_name=name, weight_version=str(version), flush_cache=True,
+                                      load_format=load_format)
                     for engine, (name, _) in zip(engines, groups, strict=True)]
         for _, group in groups:
-            for _, tensor in bucket:
+            for tensor in broadcasts:
                 dist.broadcast(tensor, src=0, group=group)
         for request in requests:
             request.result()
+        return bucket
 
     def _group(self, engine: Engine) -> tuple[str, dist.ProcessGroup]:
         """This engine's weight-update group, made on first use."""

@@ -37,6 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from megatron_rl.cli import build_parser
+from megatron_rl.rollout.flat_bucket import LOAD_FORMAT, flatten
 from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
 from megatron_rl.rollout.protocol import EngineClient, EngineError, Generation
 
@@ -72,16 +73,23 @@ def checkpoint(tmp_path_factory) -> str:
         if not path:
             pytest.fail("MEGATRON_RL_PROTOCOL_URL needs MEGATRON_RL_PROTOCOL_MODEL (the checkpoint it serves)")
         return path
-    directory = tmp_path_factory.mktemp("tiny-qwen3")
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+def write_tiny_checkpoint(directory) -> str:
     torch.manual_seed(0)
     Qwen3ForCausalLM(TINY).save_pretrained(directory)
     return str(directory)
 
 
-@pytest.fixture(scope="module")
-def base(checkpoint):
+def load_reference(checkpoint: str):
     """The served weights, in the test process (fp32)."""
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def base(checkpoint):
+    return load_reference(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -393,6 +401,90 @@ def test_update_from_distributed(client, base, learner_under_torchrun, weight_gr
     assert_serves(client, new, "dist-3")
 
 
+def send_over(client: EngineClient, weight_group, tensors: list[tuple[str, torch.Tensor]], version: str,
+              flattened: bool) -> None:
+    """One /update_weights_from_distributed of `tensors` in its own session, with rank 0's broadcasts: one per
+    tensor, or one flattened bucket packed as WeightSync packs it."""
+    name, group = weight_group
+    broadcasts = [tensor.contiguous() for _, tensor in tensors]
+    if flattened:
+        flat, tensors = flatten(tensors)
+        broadcasts = [flat]
+    client.begin_weight_update()
+    received = in_thread(client.update_weights_from_distributed, names=[n for n, _ in tensors],
+                         dtypes=[str(t.dtype).removeprefix("torch.") for _, t in tensors],
+                         shapes=[list(t.shape) for _, t in tensors], group_name=name, weight_version=version,
+                         load_format=LOAD_FORMAT if flattened else None)
+    for tensor in broadcasts:
+        torch.distributed.broadcast(tensor, src=0, group=group)
+    received()
+    client.end_weight_update()
+
+
+def served_state(client: EngineClient, model) -> tuple:
+    """What the server serves, exactly: greedy tokens and logprobs of PROMPTS, and (if it can tell) every value of
+    every parameter of `model`'s names."""
+    generations = [(g.output_ids, g.output_logprobs)
+                   for g in client.generate_batch(PROMPTS, {**GREEDY, "max_new_tokens": 8})]
+    if "get_weights_by_name" in WITHOUT:
+        return generations, None
+    weights = {name: client.get_weights_by_name(name, truncate_size=tensor.numel()) for name, tensor in
+               hf_tensors(model)}
+    return generations, weights
+
+
+def test_a_flattened_bucket_of_mixed_dtypes_loads_bitwise_as_the_per_tensor_update(
+        client, base, checkpoint, learner_under_torchrun, weight_group, restore):
+    new = perturbed(base, seed=6)
+    # the norms travel as bfloat16 (so the bucket mixes 4- and 2-byte tensors); the server casts them to float32
+    low = {name for name, _ in hf_tensors(new) if name.endswith("norm.weight")}
+    with torch.no_grad():
+        for name, parameter in new.named_parameters():
+            if name in low:
+                parameter.copy_(parameter.bfloat16().float())
+    tensors = [(n, t.bfloat16() if n in low else t) for n, t in hf_tensors(new)]
+    assert len(low) >= 4 and len(tensors) > len(low)
+    send_over(client, weight_group, tensors, "per-tensor-6", flattened=False)
+    assert_serves(client, new, "per-tensor-6")
+    per_tensor = served_state(client, new)
+    client.update_weights_from_disk(checkpoint, weight_version="between")
+    assert served_state(client, new) != per_tensor  # negative control: the base weights serve otherwise
+    send_over(client, weight_group, tensors, "flat-6", flattened=True)
+    assert served_state(client, new) == per_tensor
+    assert_serves(client, new, "flat-6")
+
+
+def test_a_flattened_bucket_with_an_unaligned_offset_or_a_negative_dim_is_refused_before_receiving(
+        client, base, weight_group, restore):
+    version = client.get_weight_version()
+    client.begin_weight_update()
+    unaligned = {"names": ["model.norm.weight", "model.layers.0.input_layernorm.weight"],
+                 "dtypes": ["bfloat16", "float32"], "shapes": [[3], [64]]}
+    for fields, named in ((unaligned, r"input_layernorm\.weight.*offset 6"),
+                          ({"names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[-64]]},
+                           r"shapes\[0\]|[Nn]egative dimension")):  # ours refuses it in any load_format
+        with pytest.raises(EngineError, match=named) as error:  # nothing is broadcast: the server must not wait
+            client.update_weights_from_distributed(**fields, group_name=weight_group[0], weight_version="never",
+                                                   load_format=LOAD_FORMAT)
+        assert error.value.status == 400
+    client.end_weight_update()
+    assert_serves(client, base, version)
+
+
+@ours_only
+def test_a_flattened_bucket_with_a_wrong_size_changes_nothing(client, base, learner_under_torchrun, weight_group):
+    version = client.get_weight_version()
+    tensors = hf_tensors(perturbed(base, seed=7))
+    for wrong, named in (("model.norm.weight", r"model\.norm\.weight.*shape"),
+                         ("model.embed_tokens.weight", r"model\.embed_tokens\.weight.*shape")):
+        sent = [(n, torch.zeros(3) if n == wrong else t) for n, t in tensors]  # received whole, then refused
+        with pytest.raises(EngineError, match=named) as error:
+            send_over(client, weight_group, sent, "bad", flattened=True)
+        assert error.value.status == 400
+        client.end_weight_update()
+    assert_serves(client, base, version)
+
+
 def test_updates_need_a_session_and_change_nothing_without_one(client, base, weight_group):
     version = client.get_weight_version()
     tensors = hf_tensors(perturbed(base, seed=4))
@@ -610,6 +702,8 @@ BAD_REQUESTS = [
                                     "world_size": 2, "backend": "nccl"}, "backend",
      "its scheduler blocks in the rendezvous"),
     ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"]}, "shapes", None),
+    ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]],
+                                          "load_format": "zipped"}, "load_format", "SGLANG_TBD"),
     ("/get_weights_by_name", {"name": "model.no_such.weight"}, "model.no_such.weight",
      "400 without the name (\"Get parameter by name failed\")"),
     ("/destroy_weights_update_group", {"group_name": "no-such-group"}, "no-such-group",
