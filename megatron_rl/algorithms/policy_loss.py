@@ -24,6 +24,10 @@ recursion and an associative scan (the release's float32 closed form is ~2.4 % o
 cumsum state breaks for large q T; `kpo.released_gains` reproduces its gains); TRM divides by
 the total number of sequences N (paper), not by accepted tokens (verl's decoupled mode).
 Every log-ratio, KPO's observations included, is clamped to +-max_log_ratio (20) first.
+
+Each loss returns its metrics with the reductions that combine them over micro-batches and ranks
+(`metrics`); the diagnostics beyond clip fractions and ratios (entropy, KPO's switch frequency
+and variances, VESPO's phi quantiles, TRM's rejection by length) are defined in `diagnostics`.
 """
 
 from collections.abc import Callable
