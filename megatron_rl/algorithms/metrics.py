@@ -136,7 +136,7 @@ class Metrics(dict[str, torch.Tensor]):
 
 # name -> (reduction, value / weighted sum / pooled values, weight / quantile level)
 Accumulated = dict[str, tuple[str, float | tuple[float, ...], float]]
-_EXTREMES = {"max": max, "min": min, "sum": lambda a, b: a + b, "quantile": lambda a, b: a + b}
+_JOINS = {"max": max, "min": min, "sum": lambda a, b: a + b, "quantile": lambda a, b: a + b}  # pools: concatenated
 weights_by_count = ("token", "sequence", "weighted")
 
 
@@ -167,7 +167,7 @@ def combine(accumulations: list[Accumulated]) -> Accumulated:
             elif reduction in weights_by_count:
                 out[name] = (reduction, out[name][1] + total, out[name][2] + weight)
             else:
-                out[name] = (reduction, _EXTREMES[reduction](out[name][1], total), weight)
+                out[name] = (reduction, _JOINS[reduction](out[name][1], total), weight)
     return out
 
 
