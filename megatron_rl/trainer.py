@@ -45,7 +45,7 @@ from megatron_rl.config import RunConfig
 from megatron_rl.config.loader import dump_config
 from megatron_rl.convert import load_hf_weights
 from megatron_rl.data.buffer import Group, RolloutBuffer, generated_by
-from megatron_rl.data.datasets import PromptSampler, load_prompts
+from megatron_rl.data.datasets import PromptSampler, check_token_ids, load_prompts
 from megatron_rl.data.rewards import RewardComputer, load_reward_fn
 from megatron_rl.files import write_atomically
 from megatron_rl.learner.batching import RolloutSample, collate, plan_micro_batches
@@ -108,6 +108,7 @@ class Trainer:
                                        max_prompt_length=cfg.data.max_prompt_length,
                                        system_prompt=cfg.data.system_prompt)
         self.tracker.console(str(report))
+        check_token_ids(prompts, cfg.model.vocab_size, cfg.data.train_path)
         self.sampler = PromptSampler(prompts, seed=cfg.data.seed)
         self.rewards = RewardComputer(load_reward_fn(cfg.data.reward))
         token = _engine_token(cfg)

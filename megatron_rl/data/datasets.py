@@ -253,6 +253,16 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def check_token_ids(prompts: Sequence[Prompt], vocab_size: int, path: str | Path) -> None:
+    """ValueError naming the first row whose prompt has a token id outside [0, vocab_size): the tokenizer and
+    the model disagree (an engine would index past its embedding: real SGLang dies of it)."""
+    for prompt in prompts:
+        bad = next((token for token in prompt.prompt_ids if not 0 <= token < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{path}: row {prompt.index}: token id {bad} is outside the model's vocabulary "
+                             f"(model.vocab_size = {vocab_size}); is data.tokenizer_path the model's tokenizer?")
+
+
 class PromptSampler:
     """Endless shuffled epochs over a prompt list, seeded and resumable.
 

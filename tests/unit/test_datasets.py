@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from megatron_rl.data.datasets import Prompt, PromptSampler, load_prompts
+from megatron_rl.data.datasets import Prompt, PromptSampler, check_token_ids, load_prompts
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 WORDS = ["system", "user", "assistant", "\n", "What", "is", "Add", "Be", "brief", "?", ".", "+", "2", "3", "5"]
@@ -263,3 +263,12 @@ def test_sampler_rejects_bad_input():
         sampler.next_batch(0)
     with pytest.raises(ValueError, match="at least one prompt"):
         PromptSampler([], seed=0)
+
+
+def test_token_ids_outside_the_models_vocabulary_name_the_row():
+    prompts = [Prompt(0, [1, 2], "1", {}), Prompt(3, [4, 9, 2], "2", {}), Prompt(4, [-1], None, {})]
+    check_token_ids(prompts[:1], vocab_size=3, path="p.jsonl")
+    with pytest.raises(ValueError, match=r"p.jsonl: row 3: token id 4 is outside .*model.vocab_size = 3"):
+        check_token_ids(prompts, vocab_size=3, path="p.jsonl")
+    with pytest.raises(ValueError, match=r"row 4: token id -1"):
+        check_token_ids(prompts, vocab_size=10, path="p.jsonl")
