@@ -72,11 +72,22 @@ def local_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[
     return ids[len(prompt):], logprobs
 
 
+def storages(named_tensors) -> int:
+    return len({tensor.untyped_storage().data_ptr() for _, tensor in named_tensors})
+
+
 def test_push_reaches_every_engine_exactly(engines, model_dir):
     tensors, reference = new_weights(model_dir, scale=0.05)
+    # the norms travel as bfloat16: flattened buckets of mixed dtypes (the engines cast them back to float32)
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.copy_(parameter.bfloat16().float())
+    tensors = [(name, t.bfloat16() if name.endswith("norm.weight") else t) for name, t in tensors]
     sync = WeightSync(engines, WeightSyncConfig(bucket_mb=0.05, verify="checksum", verify_tensors=6))
     report = sync.push(tensors, version=7)
     assert report.buckets > 2 and report.tensors == len(tensors)
+    assert storages(sync.latest) == report.buckets  # flattened: the kept copies are views into one tensor a bucket
     assert len(report.verified) == 6
     expected_tokens, expected_logprobs = local_greedy(reference, PROBE, GREEDY["max_new_tokens"])
     for engine in engines:
@@ -91,8 +102,14 @@ def test_push_reaches_every_engine_exactly(engines, model_dir):
     engines[1].client.end_weight_update()
     with pytest.raises(WeightSyncError, match=name):
         sync._verify(engines, tensors, 7)
-    sync.push(tensors, version=8)  # and a push repairs it
     sync.close()
+    per_tensor = WeightSync(engines, WeightSyncConfig(bucket_mb=0.05, verify="checksum", flatten=False))
+    per_tensor.push(tensors, version=8)  # and a push repairs it, one broadcast per tensor
+    assert storages(per_tensor.latest) == len(tensors)
+    for engine in engines:
+        generation = engine.client.generate(PROBE, GREEDY)
+        assert generation.weight_version == "8" and generation.output_ids == expected_tokens
+    per_tensor.close()
 
 
 def test_killed_engine_mid_batch_every_prompt_answered_once_then_resynced(engines, model_dir):
