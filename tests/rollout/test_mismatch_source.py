@@ -28,8 +28,7 @@ import sys
 
 import pytest
 import torch
-from test_protocol import PROMPTS, TINY, free_port, teacher_forced
-from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+from test_protocol import PROMPTS, TINY, free_port, load_reference, teacher_forced, write_tiny_checkpoint
 
 from megatron_rl.config import ConfigError, config_from_dict
 from megatron_rl.config.sections import EngineSpec
@@ -49,15 +48,12 @@ SAMPLED = {"temperature": 0.7, "max_new_tokens": 16, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("tiny-qwen3")
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(TINY).save_pretrained(directory)
-    return str(directory)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"))
 
 
 @pytest.fixture(scope="module")
 def base(checkpoint):
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return load_reference(checkpoint)
 
 
 @pytest.fixture(scope="module")
