@@ -251,7 +251,49 @@ def _add_report(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_report)
 
 
-SUBCOMMANDS = (_add_validate, _add_train, _add_toy_task, _add_serve, _add_convert, _add_plan, _add_sweep, _add_report)
+def _study(args: argparse.Namespace) -> int:
+    from megatron_rl.studies.catalog import STUDIES
+    from megatron_rl.studies.study import run_study, study_run
+    from megatron_rl.sweep import GridError, SweepError
+
+    run = study_run(args.name, smoke=args.smoke, seeds=args.seeds, out=args.out, report_dir=args.report_dir,
+                    config=args.config, overrides=args.overrides)
+    try:
+        exit_code, report = run_study(STUDIES[args.name], run)
+    except (ConfigError, GridError, SweepError) as exc:
+        print(f"megatron-rl study {args.name}: nothing was run:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"study report: {report}")
+    return exit_code
+
+
+def _add_study(subcommands: argparse._SubParsersAction) -> None:
+    from megatron_rl.studies.study import DEFAULT_CONFIG, DEFAULT_OUT, DEFAULT_REPORT_DIR, FULL_SEEDS, SMOKE_STEPS
+
+    parser = subcommands.add_parser(
+        "study", help="a reproduction study (staleness, smoothing, trm): its sweep, figures and markdown report",
+        description="Runs the study's grid of quickstart-style runs as a `megatron-rl sweep` (resumable: finished "
+                    "runs are kept), then writes REPORT_DIR/NAME.md with its figures in REPORT_DIR/NAME/ "
+                    "(megatron_rl/studies/study.py). The base config's model and prompts must exist (`megatron-rl "
+                    "toy-task runs/quickstart/task` for the quickstart). Exits 1 if a run failed, "
+                    f"{EXIT_CONFIG_ERROR} for bad settings.")
+    parser.add_argument("name", choices=["staleness", "smoothing", "trm"], help="the study")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for every run")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"{SMOKE_STEPS} steps per run, 1 seed, a reduced grid; the report goes into the sweep "
+                             "directory (not docs/)")
+    parser.add_argument("--seeds", type=_positive_int, default=None,
+                        help=f"seeds 0..N-1 per grid point (default {FULL_SEEDS}; 1 with --smoke)")
+    parser.add_argument("--out", default=None, help=f"the sweep directory (default {DEFAULT_OUT}/NAME, or "
+                                                    f"{DEFAULT_OUT}/NAME-smoke)")
+    parser.add_argument("--report-dir", default=None,
+                        help=f"where NAME.md and NAME/*.png go (default {DEFAULT_REPORT_DIR}; with --smoke: --out)")
+    parser.add_argument("--config", default=None, help=f"the base config (default {DEFAULT_CONFIG})")
+    parser.set_defaults(run=_study)
+
+
+SUBCOMMANDS = (_add_validate, _add_train, _add_toy_task, _add_serve, _add_convert, _add_plan, _add_sweep, _add_report,
+               _add_study)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,6 +74,17 @@ def metric_curves(summary: dict, metric: str) -> list[Curve]:
     return curves
 
 
+def metric_means(summary: dict, metric: str) -> dict[str, Spread | None]:
+    """Per grid point label: each finished seed's mean of `metric` over the steps that logged it, as mean / min /
+    max over those seeds (None: no seed logged it)."""
+    means = {}
+    for label, runs in _runs_by_point(summary).items():
+        per_seed = [_metric_by_step(Path(run["dir"]) / METRICS_FILE, metric)
+                    for run in runs if run["status"] == "finished"]
+        means[label] = _spread_or_none([sum(values.values()) / len(values) for values in per_seed if values])
+    return means
+
+
 def _runs_by_point(summary: dict) -> dict[str, list[dict]]:
     by_point: dict[str, list[dict]] = {}
     for run in summary["runs"]:

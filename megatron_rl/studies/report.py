@@ -73,11 +73,12 @@ def report_markdown(summary: dict, points: list[PointResult], title: str) -> str
 def _table_row(point: PointResult) -> str:
     wall = f"{point.wall_seconds:.1f} s" if point.wall_seconds is not None else "-"
     seeds = ", ".join(map(str, point.seeds)) or "none"
-    return f"| {point.label} | {seeds} | {_format_spread(point.final)} | {_format_spread(point.last_10pct)} | {wall} |"
+    return f"| {point.label} | {seeds} | {format_spread(point.final)} | {format_spread(point.last_10pct)} | {wall} |"
 
 
-def _format_spread(value: Spread | None) -> str:
-    return "-" if value is None else f"{value.mean:.3f} [{value.low:.3f}, {value.high:.3f}]"
+def format_spread(value: Spread | None, spec: str = ".3f") -> str:
+    """`mean [min, max]`, each formatted by `spec` (default: 3 decimals), or `-`."""
+    return "-" if value is None else f"{value.mean:{spec}} [{value.low:{spec}}, {value.high:{spec}}]"
 
 
 def _code_list(values: list[str]) -> str:
