@@ -54,4 +54,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check megatron_rl tests tools launch
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(SGLANG_VENV) .pytest_cache .hypothesis

@@ -355,6 +355,9 @@ def load_checkpoint(directory: str | os.PathLike, step: int | None, model: Seque
 
 
 def _compare_model_configs(saved: dict, current: dict, path: Path) -> None:
+    """CheckpointError naming every model key that differs; a key the checkpoint lacks (it predates the key)
+    counts as the key's default, the value the model it saved was built with."""
+    saved = {**ModelConfig.model_construct().model_dump(mode="json"), **saved}
     keys = sorted((set(saved) | set(current)) - set(IGNORED_MODEL_KEYS))
     differing = [f"{key} (checkpoint {saved.get(key, '<absent>')!r}, now {current.get(key, '<absent>')!r})"
                  for key in keys if saved.get(key) != current.get(key)]

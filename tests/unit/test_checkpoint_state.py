@@ -89,6 +89,17 @@ def test_load_names_the_model_config_keys_that_differ(tmp_path):
     assert "num_layers" not in message and "hf_path" not in message  # same / not part of the model
 
 
+def test_a_model_key_newer_than_the_checkpoint_counts_as_its_default(tmp_path):
+    path = fake_checkpoint(tmp_path, 1, ModelConfig(hidden_size=64, moe_router_pre_softmax=True))
+    meta = json.loads((path / "checkpoint.json").read_text())
+    del meta["model_config"]["moe_router_pre_softmax"]  # saved before the key existed: built with the default
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="process group"):  # past the config check, into the (absent) group
+        load_checkpoint(tmp_path, None, [], model_config=ModelConfig(hidden_size=64))
+    with pytest.raises(CheckpointError, match=r"model.moe_router_pre_softmax \(checkpoint False, now True\)"):
+        load_checkpoint(tmp_path, None, [], model_config=ModelConfig(hidden_size=64, moe_router_pre_softmax=True))
+
+
 def test_save_refuses_bad_input_before_writing(tmp_path):
     with pytest.raises(TypeError, match=r"rl_state\['buffer'\]\[1\] is a object"):
         save_checkpoint(tmp_path, 1, [], None, None, {"buffer": [1, object()]})
