@@ -48,7 +48,7 @@ from megatron_rl.data.buffer import Group, RolloutBuffer, generated_by
 from megatron_rl.data.datasets import PromptSampler, check_token_ids, load_prompts
 from megatron_rl.data.rewards import RewardComputer, load_reward_fn
 from megatron_rl.files import write_atomically
-from megatron_rl.learner.batching import RolloutSample, collate, plan_micro_batches
+from megatron_rl.learner.batching import RolloutSample, micro_batches_for_rank
 from megatron_rl.learner.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from megatron_rl.learner.export import full_parameters
 from megatron_rl.learner.model import build_model_chunks
@@ -81,7 +81,7 @@ class Trainer:
         self.total_steps = cfg.data.train_steps
 
         # learner: every rank
-        self.chunks = build_model_chunks(cfg.model, cfg.parallel)
+        self.chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.data.pack_sequences)
         load_hf_weights(self.chunks, SafetensorsCheckpoint(cfg.model.hf_path), cfg.model)  # this rank's tensors
         self.model = wrap_data_parallel(self.chunks, cfg.optimizer)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optimizer,
@@ -110,7 +110,7 @@ class Trainer:
         self.tracker.console(str(report))
         check_token_ids(prompts, cfg.model.vocab_size, cfg.data.train_path)
         self.sampler = PromptSampler(prompts, seed=cfg.data.seed)
-        self.rewards = RewardComputer(load_reward_fn(cfg.data.reward))
+        self.rewards = RewardComputer(load_reward_fn(cfg.data.reward), num_workers=cfg.data.reward_workers)
         token = _engine_token(cfg)
         engines = launch_engines(cfg.rollout, cfg.model.hf_path, self.run_dir / "engines", token)
         try:
@@ -292,11 +292,11 @@ class Trainer:
 
         parallel = self.cfg.parallel
         pad_multiple = 2 * parallel.cp * parallel.tp if parallel.cp > 1 else parallel.tp
-        plan = plan_micro_batches([len(s) for s in samples], parallel.dp, self.cfg.data.max_tokens_per_micro_batch,
-                                  pad_multiple)
-        local = plan[parallel_state.get_data_parallel_rank()]
+        micro = micro_batches_for_rank(samples, parallel.dp, parallel_state.get_data_parallel_rank(),
+                                       self.cfg.data.max_tokens_per_micro_batch, pad_multiple,
+                                       pack=self.cfg.data.pack_sequences)
         counts = GlobalCounts(tokens=sum(len(s.response_ids) for s in samples), sequences=len(samples))
-        return [collate(samples, indices, pad_multiple) for indices in local], counts
+        return micro, counts
 
 
 def _engine_token(cfg: RunConfig) -> str:

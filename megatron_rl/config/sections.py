@@ -272,6 +272,7 @@ class DataConfig(Section):
     answer_key: str = "answer"
     system_prompt: str | None = None  # prepended as a system message to prompt-string rows
     reward: str = "math"  # "math" (math-verify) or a function "package.module:function"
+    reward_workers: PositiveInt = 1  # samples scored at once (threads; "math" checks each in a child process)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, generate more to refill
     dynamic_sampling_max_rounds: PositiveInt = 4  # generation rounds per step before training on fewer groups
     max_prompt_length: PositiveInt = 512
@@ -279,6 +280,7 @@ class DataConfig(Section):
     rollout_batch_size: PositiveInt = 8
     num_mini_batches: PositiveInt = 1
     max_tokens_per_micro_batch: PositiveInt = 8192  # rows x padded length of one learner micro-batch
+    pack_sequences: bool = False  # pack several samples into one row (THD, cu_seqlens) instead of padding; cp 1 only
     train_steps: PositiveInt = 100
     seed: NonNegativeInt = 42
 
