@@ -40,6 +40,7 @@ class RunConfig(BaseModel):
         problems = ErrorCollector()
         _check_model_split(self.model, self.parallel, problems)
         _check_lengths_and_batches(self, problems)
+        _check_packing(self, problems)
         problems.raise_if_any()
         return self
 
@@ -88,3 +89,13 @@ def _check_lengths_and_batches(cfg: RunConfig, problems: ErrorCollector) -> None
     problems.require(samples % cfg.parallel.dp == 0, "data.rollout_batch_size",
                      f"rollout_batch_size * rollout.n_samples_per_prompt / num_mini_batches = {samples} "
                      f"samples per optimizer step must be divisible by parallel.dp = {cfg.parallel.dp}")
+
+
+def _check_packing(cfg: RunConfig, problems: ErrorCollector) -> None:
+    """Sequence packing needs cp == 1. Under context parallelism every row is cut into 2 cp zig-zag
+    chunks, and the CP attention and the CP sequence reductions (scan carries, per-sequence sums and
+    maxima over [B, T_local] rows) assume one sequence per row; packed rows would need each sequence
+    cut and padded on its own (TE's THD CP layout), which the learner does not do."""
+    problems.require(not (cfg.data.pack_sequences and cfg.parallel.cp > 1), "data.pack_sequences",
+                     f"must be false when parallel.cp > 1 (packed sequences are not split for context "
+                     f"parallelism), got data.pack_sequences = true with parallel.cp = {cfg.parallel.cp}")

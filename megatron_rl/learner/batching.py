@@ -14,14 +14,23 @@ Layout of a micro-batch (`collate`): row i is [prompt_i | response_i | padding],
 parallelism). Labels are shifted per sequence BEFORE any CP split: labels[i, j] = tokens[i, j+1],
 so column j predicts token j+1 and the response token k of row i is predicted at column
 len(prompt_i) - 1 + k (= response_start[i] + k). Log-probs, advantages and the loss mask live on
-those label columns. Packing several sequences into one row (THD) is not done: the local
-attention has no variable-length kernel.
+those label columns.
+
+Sequence packing (data.pack_sequences; cp == 1): `plan_packed_micro_batches` puts several samples
+into one row whose packed length (padded to `pad_multiple` at the end only) stays under the token
+budget, and `collate_packed` lays them out back to back (megatron_rl.learner.thd): a [1, S] row,
+labels shifted per sequence, positions restarting at 0 in each, `packing` saying where each
+sequence is. The per-sequence fields (response_start, sample_index) have one entry per sequence,
+and `packing.unpack` turns any [1, S] token tensor into the [n, T] layout above (without the end
+padding), which is what the loss sees.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from megatron_rl.learner.thd import PackedSequences
 
 
 @dataclass(frozen=True)
@@ -39,20 +48,28 @@ class RolloutSample:
 
 @dataclass
 class MicroBatch:
-    """Tensors of one micro-batch, [b, S] unless noted; label columns as in the module docstring."""
+    """Tensors of one micro-batch, [b, S] unless noted; label columns as in the module docstring.
+
+    Packed (`packing` set): b = 1, and response_start / sample_index have one entry per sequence.
+    """
 
     tokens: torch.Tensor  # int64
-    position_ids: torch.Tensor  # int64, 0..S-1 on every row
+    position_ids: torch.Tensor  # int64, 0..S-1 on every row; packed: 0.. in every sequence
     labels: torch.Tensor  # int64, tokens shifted left by one; 0 where nothing is predicted
     loss_mask: torch.Tensor  # float32, 1 on columns that predict a response token
     advantages: torch.Tensor  # float32, the sample's advantage on its loss_mask, 0 elsewhere
     rollout_log_probs: torch.Tensor | None  # float32, the sampler's log-probs on the loss_mask
     response_start: torch.Tensor  # [b] int64, the column predicting the first response token
     sample_index: torch.Tensor  # [b] int64, position of each row in the global batch
+    packing: PackedSequences | None = None  # where each sequence of the packed row is
 
     @property
     def num_response_tokens(self) -> int:
         return int(self.loss_mask.sum())
+
+    def per_sequence(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """A [b, S] token tensor of this micro-batch in the one-row-per-sequence layout ([n, T] if packed)."""
+        return x if x is None or self.packing is None else self.packing.unpack(x)
 
     def to(self, device: torch.device) -> "MicroBatch":
         return MicroBatch(**{name: None if value is None else value.to(device) for name, value in vars(self).items()})
@@ -137,6 +154,50 @@ def plan_micro_batches(
     return plan
 
 
+def _pack_into(indices: list[int], lengths: Sequence[int], count: int, max_tokens: int,
+               pad_multiple: int) -> list[list[int]] | None:
+    """`count` rows of the samples `indices`, longest first, each to the lightest row it fits in
+    (padded packed length <= max_tokens; an empty row takes any sample). None if one fits nowhere."""
+    rows: list[list[int]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for index in sorted(indices, key=lambda i: (-lengths[i], i)):
+        fitting = [r for r in range(count)
+                   if not rows[r] or padded_length(loads[r] + lengths[index], pad_multiple) <= max_tokens]
+        if not fitting:
+            return None
+        row = min(fitting, key=lambda r: (loads[r], r))
+        rows[row].append(index)
+        loads[row] += lengths[index]
+    return [sorted(row) for row in rows]
+
+
+def _fewest_rows(lengths: Sequence[int], indices: list[int], max_tokens: int, pad_multiple: int) -> int:
+    """A lower bound on the rows of the samples `indices`: one per sample over the budget (alone
+    in its row), and enough rows of max_tokens for the others."""
+    over = [i for i in indices if padded_length(lengths[i], pad_multiple) > max_tokens]
+    rest = sum(lengths[i] for i in indices) - sum(lengths[i] for i in over)
+    return max(1, len(over) + -(-rest // max_tokens))
+
+
+def plan_packed_micro_batches(
+    lengths: Sequence[int], dp_size: int, max_tokens: int, pad_multiple: int = 1
+) -> list[list[list[int]]]:
+    """plan[dp_rank][micro_batch] = sample indices packed into one row; the same count on every rank.
+
+    A micro-batch's cost is its packed length padded to pad_multiple, <= max_tokens (a sample
+    longer than the budget is packed alone). The count is the smallest for which every rank's
+    samples fit (at most the samples per rank: one sample per row always fits); the rows of a rank
+    get similar token counts (longest sample first, to the lightest row).
+    """
+    ranks = partition_for_data_parallel(lengths, dp_size)
+    count = max(_fewest_rows(lengths, rank, max_tokens, pad_multiple) for rank in ranks)
+    while True:
+        plan = [_pack_into(rank, lengths, count, max_tokens, pad_multiple) for rank in ranks]
+        if all(rows is not None for rows in plan):
+            return plan
+        count += 1
+
+
 def collate(samples: Sequence[RolloutSample], indices: Sequence[int], pad_multiple: int = 1,
             pad_id: int = 0) -> MicroBatch:
     """The micro-batch of samples[indices] in the [prompt | response | padding] layout."""
@@ -173,15 +234,49 @@ def collate(samples: Sequence[RolloutSample], indices: Sequence[int], pad_multip
     )
 
 
+def collate_packed(samples: Sequence[RolloutSample], indices: Sequence[int], pad_multiple: int = 1,
+                   pad_id: int = 0) -> MicroBatch:
+    """The micro-batch of samples[indices] packed into one row [1, S] (S = total length padded to
+    pad_multiple): `collate`'s rows, each cut at its length, back to back (labels therefore never
+    cross a sequence end: a sequence's last column predicts nothing)."""
+    rows = collate(samples, indices, pad_id=pad_id)
+    lengths = [len(samples[i]) for i in indices]
+    packing = PackedSequences.of_lengths(lengths, padded_length(sum(lengths), pad_multiple))
+    return MicroBatch(
+        tokens=packing.pack(rows.tokens, pad_id),
+        position_ids=packing.positions()[None, :],
+        labels=packing.pack(rows.labels),
+        loss_mask=packing.pack(rows.loss_mask),
+        advantages=packing.pack(rows.advantages),
+        rollout_log_probs=None if rows.rollout_log_probs is None else packing.pack(rows.rollout_log_probs),
+        response_start=rows.response_start,
+        sample_index=rows.sample_index,
+        packing=packing,
+    )
+
+
+def micro_batches_for_rank(samples: Sequence[RolloutSample], dp_size: int, dp_rank: int, max_tokens: int,
+                           pad_multiple: int = 1, pack: bool = False) -> list[MicroBatch]:
+    """Data-parallel rank dp_rank's micro-batches of samples: packed rows (pack) or padded rows."""
+    lengths = [len(sample) for sample in samples]
+    if pack:
+        plan = plan_packed_micro_batches(lengths, dp_size, max_tokens, pad_multiple)
+        return [collate_packed(samples, indices, pad_multiple) for indices in plan[dp_rank]]
+    plan = plan_micro_batches(lengths, dp_size, max_tokens, pad_multiple)
+    return [collate(samples, indices, pad_multiple) for indices in plan[dp_rank]]
+
+
 def pad_to_shape(mb: MicroBatch, rows: int, width: int, pad_id: int = 0) -> MicroBatch:
     """mb grown to [rows, width] with empty rows (no response token) and padding columns.
 
     Pipeline schedules send activations of one fixed shape between stages: every micro-batch of
-    a step is padded to the largest one. Empty rows count in no loss and no metric.
+    a step is padded to the largest one. Empty rows count in no loss and no metric. A packed
+    micro-batch stays one row: its padding segment grows.
     """
     b, s = mb.tokens.shape
-    if rows < b or width < s:
-        raise ValueError(f"cannot pad a [{b}, {s}] micro-batch to [{rows}, {width}]")
+    if rows < b or width < s or (mb.packing is not None and rows != 1):
+        raise ValueError(f"cannot pad a [{b}, {s}] {'packed ' if mb.packing else ''}micro-batch to [{rows}, {width}]")
+    packing = None if mb.packing is None else mb.packing.widened(width)
 
     def grow(t, fill):
         if t is None:
@@ -192,11 +287,12 @@ def pad_to_shape(mb: MicroBatch, rows: int, width: int, pad_id: int = 0) -> Micr
 
     return MicroBatch(
         tokens=grow(mb.tokens, pad_id),
-        position_ids=torch.arange(width).expand(rows, width).clone(),
+        position_ids=torch.arange(width).expand(rows, width).clone() if packing is None else packing.positions()[None],
         labels=grow(mb.labels, 0),
         loss_mask=grow(mb.loss_mask, 0.0),
         advantages=grow(mb.advantages, 0.0),
         rollout_log_probs=grow(mb.rollout_log_probs, 0.0),
         response_start=torch.cat([mb.response_start, torch.zeros(rows - b, dtype=torch.int64)]),
         sample_index=torch.cat([mb.sample_index, torch.full((rows - b,), -1, dtype=torch.int64)]),
+        packing=packing,
     )

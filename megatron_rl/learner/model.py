@@ -1,12 +1,13 @@
 """The learner's Megatron-Core GPTModel, dense or Mixture-of-Experts, from the run configuration.
 
-    chunks = build_model_chunks(cfg.model, cfg.parallel)   # one GPTModel per virtual pipeline stage
+    chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.data.pack_sequences)  # one per virtual PP stage
     logits = chunks[0](tokens, position_ids, None)         # [b, s, vocab / tp] on the last stage
 
 Call after megatron_rl.parallel.state.initialize_parallel. Weights and compute are fp32; RoPE
 positions; no dropout (RL recomputes log-probs that must match the rollout's). On a GPU with
 Transformer Engine the layers are TE's (including TE's CP attention); otherwise Megatron's local
-layers, with ContextParallelAttention as core attention when cp > 1, weights initialised on the
+layers, with ContextParallelAttention as core attention when cp > 1 or when the model takes packed
+sequences (Megatron's local DotProductAttention takes neither), weights initialised on the
 CPU (`use_cpu_initialization`: the full matrix is drawn, then sliced, so a TP=1 and a TP=2 model
 built from the same seed hold the same weights) and MoE tokens routed by the alltoall dispatcher.
 """
@@ -81,22 +82,24 @@ def _moe_fields(model: ModelConfig) -> dict:
     }
 
 
-def layer_spec(model: ModelConfig, parallel: ParallelConfig) -> ModuleSpec:
-    """TE layers on a GPU with TE; local layers (+ ContextParallelAttention when cp > 1) otherwise."""
+def layer_spec(model: ModelConfig, parallel: ParallelConfig, packed_sequences: bool = False) -> ModuleSpec:
+    """TE layers on a GPU with TE (they take packed sequences as they are); local layers otherwise,
+    with ContextParallelAttention when cp > 1 or packed_sequences."""
     if use_transformer_engine():
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=model.num_experts, moe_grouped_gemm=True, qk_layernorm=model.qk_layernorm)
     spec = get_gpt_layer_local_spec(
         num_experts=model.num_experts, qk_layernorm=model.qk_layernorm, normalization=model.normalization)
-    if parallel.cp > 1:
+    if parallel.cp > 1 or packed_sequences:
         spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
     return spec
 
 
 def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, pre_process: bool | None = None,
                     post_process: bool | None = None, vp_stage: int | None = None,
-                    config: TransformerConfig | None = None) -> GPTModel:
-    """This rank's GPTModel for (virtual) pipeline stage vp_stage.
+                    config: TransformerConfig | None = None, packed_sequences: bool = False) -> GPTModel:
+    """This rank's GPTModel for (virtual) pipeline stage vp_stage; packed_sequences: it will take
+    PackedSeqParams (data.pack_sequences).
 
     pre_process / post_process (embedding / output layer) default to whether this is the first /
     last stage. Logits stay split over TP ranks by vocabulary (parallel_output=True). `config`
@@ -108,7 +111,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, pre_process: b
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     return GPTModel(
         config=config or transformer_config(model, parallel),
-        transformer_layer_spec=layer_spec(model, parallel),
+        transformer_layer_spec=layer_spec(model, parallel, packed_sequences),
         vocab_size=model.vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
@@ -121,9 +124,9 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, pre_process: b
     )
 
 
-def build_model_chunks(model: ModelConfig, parallel: ParallelConfig) -> list[GPTModel]:
+def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, packed_sequences: bool = False) -> list[GPTModel]:
     """One GPTModel per virtual pipeline stage of this rank (a single one without vpp)."""
     config = transformer_config(model, parallel)
-    if parallel.vpp is None:
-        return [build_gpt_model(model, parallel, config=config)]
-    return [build_gpt_model(model, parallel, vp_stage=stage, config=config) for stage in range(parallel.vpp)]
+    stages = [None] if parallel.vpp is None else range(parallel.vpp)
+    return [build_gpt_model(model, parallel, vp_stage=stage, config=config, packed_sequences=packed_sequences)
+            for stage in stages]

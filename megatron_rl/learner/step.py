@@ -4,12 +4,18 @@
     old = learner.log_probs(micro_batches)                # pi_old, forward only
     result = learner.train_step(micro_batches, step_counts, old_log_probs=old)
 
-`micro_batches` are this data-parallel rank's, whole sequences (`batching.plan_micro_batches` and
-`collate`); the learner cuts each into its context-parallel shard. Megatron's schedule runs them
+`micro_batches` are this data-parallel rank's, whole sequences (`batching.micro_batches_for_rank`);
+the learner cuts each into its context-parallel shard. Megatron's schedule runs them
 (no pipelining, 1F1B, or interleaved 1F1B when vpp > 1); on the last pipeline stage the TP-sharded
 logits become per-token log-probs of the labels at the rollout temperature
 (`parallel.vocab_parallel`; in training also the policy's entropy, for policy/entropy), and the
 loss is `compute_policy_loss` with the CP group and the step's token / sequence counts.
+
+Packed micro-batches (data.pack_sequences, cp == 1): the model gets Megatron's PackedSeqParams
+(qkv_format "thd", cu_seqlens of the row; the same call for TE's attention on a GPU and for
+ContextParallelAttention on the CPU) and the log-probs come out [1, S] like the labels; the loss
+and the counts see them unpacked to one row per sequence (`MicroBatch.per_sequence`), so every
+per-sequence reduction, KPO's scan and every metric get exactly the padded layout's values.
 
 Scaling. Each micro-batch's loss is its exact share of the step's loss (global denominators).
 Megatron's schedule divides it by the number of micro-batches M and multiplies it by cp; DDP
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rl.algorithms.aggregation import GlobalCounts
@@ -57,6 +64,8 @@ class StepResult:
 def shard_for_context_parallel(mb: MicroBatch) -> MicroBatch:
     """This CP rank's zig-zag shard of every [b, S] tensor of mb (response_start stays global)."""
     rank, size = parallel_state.get_context_parallel_rank(), parallel_state.get_context_parallel_world_size()
+    if mb.packing is not None and size > 1:
+        raise ValueError("packed micro-batches (data.pack_sequences) cannot be split for parallel.cp > 1")
 
     def split(t):
         return None if t is None else split_for_context_parallel(t, rank, size, dim=1)
@@ -64,7 +73,16 @@ def shard_for_context_parallel(mb: MicroBatch) -> MicroBatch:
     return MicroBatch(tokens=split(mb.tokens), position_ids=split(mb.position_ids), labels=split(mb.labels),
                       loss_mask=split(mb.loss_mask), advantages=split(mb.advantages),
                       rollout_log_probs=split(mb.rollout_log_probs), response_start=mb.response_start,
-                      sample_index=mb.sample_index)
+                      sample_index=mb.sample_index, packing=mb.packing)
+
+
+def packed_seq_params(mb: MicroBatch) -> PackedSeqParams | None:
+    """Megatron's THD description of a packed micro-batch (None for padded rows)."""
+    if mb.packing is None:
+        return None
+    cu_seqlens, longest = mb.packing.cu_seqlens, mb.packing.max_segment_length
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 class PolicyLearner:
@@ -103,7 +121,7 @@ class PolicyLearner:
 
         def forward_step(data_iterator, model):
             index, mb = next(data_iterator)
-            logits = model(mb.tokens, mb.position_ids, None)
+            logits = model(mb.tokens, mb.position_ids, None, packed_seq_params=packed_seq_params(mb))
             return logits, functools.partial(loss_fn, index, mb)
 
         reports = self.schedule(
@@ -114,8 +132,9 @@ class PolicyLearner:
 
     @torch.no_grad()
     def log_probs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor] | None:
-        """Per micro-batch [b, S/cp] log-probs of the labels under the current weights (the last
-        pipeline stage's; None on other stages). Use them as old_log_probs of later steps."""
+        """Per micro-batch [b, S/cp] log-probs of the labels under the current weights, in the
+        micro-batch's layout (packed: [1, S]; the last pipeline stage's; None on other stages). Use
+        them as old_log_probs of later steps."""
         def collect(index, mb, logits):
             return logits.new_zeros(()), {"index": index, "log_prob": self._token_log_probs(logits, mb)[0]}
 
@@ -137,10 +156,11 @@ class PolicyLearner:
         def loss_fn(index, mb, logits):
             log_prob, entropy = self._token_log_probs(logits, mb, with_entropy=True)
             old = old_log_probs[index] if old_log_probs is not None else log_prob.detach()
+            log_prob, old, entropy = mb.per_sequence(log_prob), mb.per_sequence(old), mb.per_sequence(entropy)
             try:
                 loss, metrics = compute_policy_loss(
-                    self.algorithm.loss, log_prob, old, mb.advantages, mb.loss_mask,
-                    rollout_log_prob=mb.rollout_log_probs, config=self.algorithm,
+                    self.algorithm.loss, log_prob, old, mb.per_sequence(mb.advantages), mb.per_sequence(mb.loss_mask),
+                    rollout_log_prob=mb.per_sequence(mb.rollout_log_probs), config=self.algorithm,
                     cp_group=sequence_ops(parallel_state.get_context_parallel_group(), mb.response_start),
                     step_counts=step_counts, entropy=entropy)
             except NonFiniteInputError as error:
@@ -168,7 +188,7 @@ class PolicyLearner:
 
 def _counts(mb: MicroBatch) -> tuple[float, float]:
     """Response tokens and non-empty sequences of a micro-batch's CP shard (global over CP)."""
-    per_row = mb.loss_mask.sum(-1)
+    per_row = mb.per_sequence(mb.loss_mask).sum(-1)
     dist.all_reduce(per_row, group=parallel_state.get_context_parallel_group())
     return float(per_row.sum()), float((per_row > 0).sum())
 
