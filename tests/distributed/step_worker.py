@@ -5,7 +5,8 @@
 
 `reference` (one rank) builds the dense and the MoE model, saves their initial full state dicts
 to OUT_DIR, and runs STEPS RL steps for every loss in LOSSES. Each MODE loads the same initial
-weights into its layout (`load_full_state`) and runs the same steps on the same samples. Every
+weights into its layout (`load_full_state`) and runs the same steps on the same samples; the
+`*_packed` modes pack the samples into rows (data.pack_sequences) where the twin pads them. Every
 run writes, per loss, the step losses, gradient norms and whether a step was skipped, to
 OUT_DIR/<mode>.rank<r>.json. The samples are the same everywhere; a DP rank trains on its share.
 
@@ -28,7 +29,7 @@ ensure_platform()  # before the first Megatron-Core import
 from megatron.core import parallel_state  # noqa: E402
 
 from megatron_rl.algorithms.aggregation import GlobalCounts  # noqa: E402
-from megatron_rl.learner.batching import RolloutSample, collate, plan_micro_batches  # noqa: E402
+from megatron_rl.learner.batching import RolloutSample, micro_batches_for_rank  # noqa: E402
 from megatron_rl.learner.full_weights import load_full_state  # noqa: E402
 from megatron_rl.learner.model import build_model_chunks  # noqa: E402
 from megatron_rl.learner.optimizer import build_optimizer, wrap_data_parallel  # noqa: E402
@@ -45,14 +46,19 @@ DENSE = {"num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 128, "num_attent
          "num_query_groups": 2, "vocab_size": 128, "max_position_embeddings": 64}
 MOE = {**DENSE, "num_layers": 2, "num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 64,
        "untie_embeddings_and_output_weights": True}  # no aux loss: it depends on how tokens are batched
-MODES = {  # name: (model, parallel layout, distributed optimizer)
-    "tp2_sp": (DENSE, {"tp": 2, "sequence_parallel": True}, False),
-    "pp2": (DENSE, {"pp": 2}, False),
-    "pp2_vpp2": (DENSE, {"pp": 2, "vpp": 2}, False),
-    "cp2": (DENSE, {"cp": 2}, False),
-    "dp2_distopt": (DENSE, {}, True),
-    "ep2": (MOE, {"ep": 2}, False),
-    "etp2": (MOE, {"tp": 2, "sequence_parallel": True, "etp": 2}, False),
+PACKED = {"pack_sequences": True}
+MODES = {  # name: (model, parallel layout, distributed optimizer, data section)
+    "tp2_sp": (DENSE, {"tp": 2, "sequence_parallel": True}, False, {}),
+    "pp2": (DENSE, {"pp": 2}, False, {}),
+    "pp2_vpp2": (DENSE, {"pp": 2, "vpp": 2}, False, {}),
+    "cp2": (DENSE, {"cp": 2}, False, {}),
+    "dp2_distopt": (DENSE, {}, True, {}),
+    "ep2": (MOE, {"ep": 2}, False, {}),
+    "etp2": (MOE, {"tp": 2, "sequence_parallel": True, "etp": 2}, False, {}),
+    "tp2_sp_packed": (DENSE, {"tp": 2, "sequence_parallel": True}, False, PACKED),
+    "dp2_packed": (DENSE, {}, True, PACKED),
+    "pp2_packed": (DENSE, {"pp": 2}, False, PACKED),
+    "ep2_packed": (MOE, {"ep": 2}, False, PACKED),
 }
 
 
@@ -66,7 +72,8 @@ def make_samples() -> list[RolloutSample]:
     return samples
 
 
-def run_config(model: dict, parallel: dict, distributed_optimizer: bool, loss: dict, world_size: int):
+def run_config(model: dict, parallel: dict, distributed_optimizer: bool, loss: dict, world_size: int,
+               data: dict | None = None):
     return config_from_dict({
         "model": model,
         "parallel": {**parallel, "world_size": world_size},
@@ -74,7 +81,7 @@ def run_config(model: dict, parallel: dict, distributed_optimizer: bool, loss: d
                       "clip_grad": 1.0, "use_distributed_optimizer": distributed_optimizer, "weight_decay": 0.0},
         "algorithm": loss,
         "data": {"rollout_batch_size": SAMPLES, "num_mini_batches": 1, "train_steps": STEPS,
-                 "max_prompt_length": 8, "max_response_length": 16},
+                 "max_prompt_length": 8, "max_response_length": 16, **(data or {})},
         "rollout": {"n_samples_per_prompt": 1},
     })
 
@@ -86,28 +93,29 @@ def train(cfg, chunks, model, full_state: dict, samples) -> list[dict]:
     learner = PolicyLearner(cfg, model, optimizer, scheduler)
     tp, cp = cfg.parallel.tp, cfg.parallel.cp
     pad_multiple = 2 * cp * tp if cp > 1 else tp
-    plan = plan_micro_batches([len(s) for s in samples], cfg.parallel.dp, MAX_TOKENS, pad_multiple)
-    local_plan = plan[parallel_state.get_data_parallel_rank()]
-    micro_batches = [collate(samples, indices, pad_multiple) for indices in local_plan]
+    micro_batches = micro_batches_for_rank(samples, cfg.parallel.dp, parallel_state.get_data_parallel_rank(),
+                                           MAX_TOKENS, pad_multiple, pack=cfg.data.pack_sequences)
     counts = GlobalCounts(tokens=sum(len(s.response_ids) for s in samples), sequences=len(samples))
     old = learner.log_probs(micro_batches)
     results = []
     for _ in range(STEPS):
         result = learner.train_step(micro_batches, counts, old_log_probs=old)
         results.append({"loss": result.loss, "grad_norm": result.grad_norm, "skipped": result.skipped,
-                        "metrics": result.metrics, "micro_batches": len(micro_batches)})
+                        "metrics": result.metrics, "micro_batches": len(micro_batches),
+                        "rows": [mb.tokens.shape[0] for mb in micro_batches],
+                        "sequences": [len(mb.sample_index) for mb in micro_batches]})
     return results
 
 
 def run_mode(model_cfg: dict, parallel: dict, distributed_optimizer: bool, world_size: int, samples,
-             full_state: dict | None) -> tuple[dict, dict]:
+             full_state: dict | None, data: dict | None = None) -> tuple[dict, dict]:
     """Every loss in one parallel layout (built once); returns results per loss and the initial
     full state (the given one, or the freshly built model's)."""
-    configs = {name: run_config(model_cfg, parallel, distributed_optimizer, loss, world_size)
+    configs = {name: run_config(model_cfg, parallel, distributed_optimizer, loss, world_size, data)
                for name, loss in LOSSES.items()}
     first = next(iter(configs.values()))
     initialize_parallel(first.parallel, seed=SEED)
-    chunks = build_model_chunks(first.model, first.parallel)
+    chunks = build_model_chunks(first.model, first.parallel, first.data.pack_sequences)
     if full_state is None:
         full_state = {name: p.detach().clone() for name, p in chunks[0].named_parameters()}
     model = wrap_data_parallel(chunks, first.optimizer)
@@ -127,8 +135,8 @@ def nan_guard(samples, full_state: dict) -> dict:
     model = wrap_data_parallel(chunks, cfg.optimizer)
     optimizer, scheduler = build_optimizer(model, cfg.optimizer, total_steps=STEPS)
     learner = PolicyLearner(cfg, model, optimizer, scheduler)
-    plan = plan_micro_batches([len(s) for s in samples], cfg.parallel.dp, MAX_TOKENS, 2)
-    micro_batches = [collate(samples, indices, 2) for indices in plan[parallel_state.get_data_parallel_rank()]]
+    micro_batches = micro_batches_for_rank(samples, cfg.parallel.dp, parallel_state.get_data_parallel_rank(),
+                                           MAX_TOKENS, 2)
     counts = GlobalCounts(tokens=sum(len(s.response_ids) for s in samples), sequences=len(samples))
     before = [p.detach().clone() for chunk in chunks for p in chunk.parameters()]
 
@@ -164,10 +172,10 @@ def main(out_dir: Path, modes: list[str]) -> None:
             elif mode == "nan_guard":
                 out["nan_guard"] = nan_guard(samples, torch.load(out_dir / "initial_dense.pt", weights_only=True))
             else:
-                model_cfg, parallel, distributed_optimizer = MODES[mode]
+                model_cfg, parallel, distributed_optimizer, data = MODES[mode]
                 kind = "moe" if model_cfg is MOE else "dense"
                 full_state = torch.load(out_dir / f"initial_{kind}.pt", weights_only=True)
-                results, _ = run_mode(model_cfg, parallel, distributed_optimizer, 2, samples, full_state)
+                results, _ = run_mode(model_cfg, parallel, distributed_optimizer, 2, samples, full_state, data)
                 out.update({f"{kind}/{loss}": steps for loss, steps in results.items()})
         except Exception:  # reported to the test, which fails with the traceback
             out["error"] = traceback.format_exc()

@@ -1,7 +1,8 @@
 """RL steps of PolicyLearner in every parallel layout against the single-rank twin.
 
 The twin (one rank) and each layout (two gloo ranks) start from the same weights and train on
-the same samples for 3 steps per loss (ppo, kpo, vespo, trm), fp32. Step losses, gradient norms
+the same samples for 3 steps per loss (ppo, kpo, vespo, trm), fp32. The twin pads every sample to
+its own row; the `*_packed` layouts (TP2+SP, DP2, PP2, EP2) pack several into one THD row. Step losses, gradient norms
 and the loss metrics must agree within 5e-5; steps 2 and 3 are off-policy (the old policy is
 the initial one), so ratios, clips and masks are exercised. See step_worker.py.
 """
@@ -51,6 +52,16 @@ def test_layout_matches_the_single_rank_twin(runs, mode, loss):
             assert set(got["metrics"]) == set(want["metrics"])
             for name, value in want["metrics"].items():
                 assert abs(got["metrics"][name] - value) <= TOL * max(1.0, abs(value)), (step, name)
+
+
+@pytest.mark.parametrize("mode", sorted(mode for mode in MODES if MODES[mode][3].get("pack_sequences")))
+def test_packed_layouts_pack_several_sequences_into_a_row(runs, mode):
+    """The twin pads (a row per sample); a packed layout runs one row per micro-batch with several samples in it."""
+    twin = runs["reference.rank0"]["dense/ppo"][0]
+    assert twin["rows"] == twin["sequences"]
+    for rank in (0, 1):
+        steps = runs[f"{mode}.rank{rank}"][f"{'moe' if MODES[mode][0].get('num_experts') else 'dense'}/ppo"]
+        assert all(rows == 1 for rows in steps[0]["rows"]) and max(steps[0]["sequences"]) >= 2, steps[0]
 
 
 def test_the_twin_does_real_work(runs):
