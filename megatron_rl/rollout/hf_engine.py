@@ -50,7 +50,7 @@ class SamplingParams:
     top_k: int = -1  # keep the top_k most likely tokens; -1: off
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()  # end a row, like the model's eos ids
-    ignore_eos: bool = False  # the model's eos ids do not end a row (stop_token_ids still do)
+    ignore_eos: bool = False  # no token ends a row, neither the eos ids nor stop_token_ids (as in SGLang)
     sampling_seed: int | None = None  # same seed + same prompt => same tokens, whatever the batch
 
     def __post_init__(self):
@@ -284,7 +284,7 @@ class HFGenerator:
         input_ids, attention_mask, position_ids = _left_padded(prompts)
         next_position = torch.tensor([len(p) for p in prompts])
         max_new = torch.tensor([p.max_new_tokens for p in params])
-        stop_table = _stop_table([set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+        stop_table = _stop_table([set() if p.ignore_eos else set(p.stop_token_ids) | set(self.eos_token_ids)
                                   for p in params])
         sampler = _RowSampler(params, self.vocab_size, self.logit_noise)
 

@@ -76,7 +76,8 @@ def test_logprobs_equal_a_teacher_forced_forward(model, temperature):
               for seed, (t, n) in enumerate(zip(temperatures, [12, 5, 16, 9], strict=True))]
     completions = HFGenerator(model, eos_token_ids(model), max_batch_size=3).generate(PROMPTS, params)
     stop = completions[2].output_ids[6]  # row 2 now stops at its first `stop`, while the others go on
-    params[2] = dataclasses.replace(params[2], stop_token_ids=(stop,))
+    assert not set(eos_token_ids(model)) & set(completions[2].output_ids[:7])  # so only `stop` can end it there
+    params[2] = dataclasses.replace(params[2], stop_token_ids=(stop,), ignore_eos=False)  # ignore_eos: no stops
     completions = HFGenerator(model, eos_token_ids(model), max_batch_size=3).generate(PROMPTS, params)
     assert [len(c.output_ids) for i, c in enumerate(completions) if i != 2] == [12, 5, 9]
     assert completions[2].finish_reason == {"type": "stop", "matched": stop}
@@ -173,7 +174,7 @@ def test_eos_stop_tokens_ignore_eos_and_length(qwen3_path):
     assert stopped.finish_reason == {"type": "stop", "matched": eos}
     assert run(ignore_eos=True).output_ids == free
     assert run(ignore_eos=True).finish_reason == {"type": "length", "length": 12}
-    assert run(ignore_eos=True, stop_token_ids=(eos,)).finish_reason == {"type": "stop", "matched": eos}
+    assert run(ignore_eos=True, stop_token_ids=(eos,)).finish_reason == {"type": "length", "length": 12}  # as SGLang
     stop = free[1]
     by_stop_id = HFGenerator(model, []).generate([PROMPTS[0]], [dataclasses.replace(greedy, stop_token_ids=(stop,))])[0]
     assert by_stop_id.output_ids == free[:free.index(stop) + 1]
