@@ -17,6 +17,13 @@
    summed) against the samples' tokens, the median step time and the throughput in sample tokens
    per second; then packed / padded throughput, and the largest step-loss difference between the
    layouts (they train the same weights the same way: it stays at fp32 rounding).
+
+Measured on the shared 2-core CPU machine (`--threads 1 --repeats 7`, defaults otherwise: 48 samples,
+8975 tokens, lengths 50..881, median 142): padded 6 micro-batches computing 10769 tokens (16.7%
+padding), median step 8.92 s, 1007 tokens/s; packed 5 micro-batches, 8975 tokens (no padding),
+7.37 s, 1218 tokens/s: 1.21x (minimum times 1.09x); step losses equal within 3e-8. Attention:
+per segment 34 / 278 ms against the mask's 135 / 2404 ms at t = 1024 / 4096. With 2 threads under
+other load the medians scattered too much to rank the layouts (0.6x in one such run).
 """
 
 import argparse
