@@ -115,7 +115,7 @@ def test_the_saved_config_reproduces_the_run_sample_for_sample(run):
 
 
 def test_packed_sequences_train_the_same_run(run):
-    """data.pack_sequences=true (each DP rank's 128 samples of a step in one THD row of ~1700 tokens) trains
+    """data.pack_sequences=true (each DP rank's 128 samples of a step in one THD row of <= 128 x 35 tokens) trains
     exactly the padded run: the same samples (rollouts are seeded, the weights stay equal), losses and gradient
     norms within 5e-5, the same log-prob mismatch and entropy."""
     tmp, _ = run
