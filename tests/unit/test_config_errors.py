@@ -29,9 +29,9 @@ MALFORMED = [
          ("algorithm.advantage.estimater", "unknown key; did you mean 'estimator'?")),
     case("unknown-no-close-name", "data: {zzz: 1}",
          ("data.zzz", "unknown key; expected one of: train_path, tokenizer_path, prompt_key, messages_key, "
-                      "answer_key, system_prompt, reward, dynamic_sampling, dynamic_sampling_max_rounds, "
-                      "max_prompt_length, max_response_length, rollout_batch_size, num_mini_batches, "
-                      "max_tokens_per_micro_batch, train_steps, seed")),
+                      "answer_key, system_prompt, reward, reward_workers, dynamic_sampling, "
+                      "dynamic_sampling_max_rounds, max_prompt_length, max_response_length, rollout_batch_size, "
+                      "num_mini_batches, max_tokens_per_micro_batch, pack_sequences, train_steps, seed")),
     # Wrong types.
     case("int-from-word", "parallel: {tp: two}",
          ("parallel.tp", "expected a valid integer, got 'two'")),
