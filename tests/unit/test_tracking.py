@@ -226,7 +226,16 @@ def test_terminal_gets_a_progress_bar_with_key_metrics_and_console_lines(tmp_pat
         tracker.log(4, {"train/loss": 0.125})
     terminal.flush()
     os.set_blocking(leader, False)
-    raw = os.read(leader, 1 << 20).decode()
+    chunks = []  # a pty hands out its output in pieces (a loaded machine's live display refreshes more often)
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    raw = b"".join(chunks).decode()
     terminal.close()
     os.close(leader)
     screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw)
