@@ -16,14 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from single_process import single_process_megatron
 
-from megatron_rl.config import ParallelConfig
 from megatron_rl.models.gguf import SMOLLM2, gguf_to_hf, smollm2_gguf
-from megatron_rl.parallel.state import destroy_parallel, initialize_parallel
 from megatron_rl.rollout.launcher import ServerProcess
 from megatron_rl.rollout.protocol import EngineClient
 
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID")
 SERVER_STARTUP_TIMEOUT = 300.0
 SERVER_THREADS = 2
 
@@ -46,12 +44,8 @@ def smollm2_fp32(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def megatron_world():
     """Megatron's parallel state on a gloo world of this one process."""
-    with pytest.MonkeyPatch.context() as env:
-        for variable in LAUNCHER_VARIABLES:
-            env.delenv(variable, raising=False)
-        initialize_parallel(ParallelConfig(), seed=0)
+    with single_process_megatron(0):
         yield
-        destroy_parallel()
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,21 @@
 """Smoke test of tools/bench_packing.py: the --quick run completes, both layouts train the same (step losses
 within fp32 rounding) and the packed one computes no padding beyond the row ends. Its timings are not checked."""
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from single_process import plain_process_env
+
 from megatron_rl import platform
 
 ROOT = Path(__file__).resolve().parents[2]
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def test_bench_packing_quick():
-    env = {k: v for k, v in os.environ.items()
-           if k not in LAUNCHER_VARIABLES and not k.startswith("SLURM_") and k != platform.DISABLE_PATCHES_ENV}
+    env = plain_process_env()  # a plain single process, every CPU patch on
+    env.pop(platform.DISABLE_PATCHES_ENV, None)
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_packing.py"), "--quick"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

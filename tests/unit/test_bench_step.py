@@ -3,22 +3,22 @@
 The ratios of a --quick run are not meaningful (tiny model, a shared machine); only the output is checked.
 """
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from single_process import plain_process_env
+
 from megatron_rl import platform
 
 ROOT = Path(__file__).resolve().parents[2]
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 NUMBER = r"\d+\.\d+"
 
 
 def test_bench_step_quick_prints_the_ratio_line():
-    env = {k: v for k, v in os.environ.items()  # a plain single process, every CPU patch on
-           if k not in LAUNCHER_VARIABLES and not k.startswith("SLURM_") and k != platform.DISABLE_PATCHES_ENV}
+    env = plain_process_env()  # a plain single process, every CPU patch on
+    env.pop(platform.DISABLE_PATCHES_ENV, None)
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_step.py"), "--quick", "--profile", "kpo"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]

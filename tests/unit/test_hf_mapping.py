@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from single_process import single_process_megatron
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from megatron_rl.config import ModelConfig, ParallelConfig
@@ -28,7 +29,6 @@ from megatron_rl.models.hf_checkpoint import (
 )
 from megatron_rl.models.hf_config import read_hf_config
 from megatron_rl.models.hf_mapping import hf_names, hf_to_megatron, megatron_to_hf, model_config_from_hf, rules
-from megatron_rl.parallel.state import destroy_parallel, initialize_parallel
 from megatron_rl.platform import ensure_platform
 
 ensure_platform()  # before the first Megatron-Core import
@@ -39,7 +39,6 @@ from megatron_rl.learner.model import build_gpt_model  # noqa: E402
 
 SEED = 20240611
 LOGIT_TOLERANCE = 1e-5
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID")
 COMMON = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-6}
 ARCHITECTURES = {
@@ -59,12 +58,8 @@ TOKENS = torch.randint(0, COMMON["vocab_size"], (2, 24), generator=torch.Generat
 @pytest.fixture(scope="module")
 def megatron_world():
     """Megatron's parallel state on a gloo world of this one process."""
-    with pytest.MonkeyPatch.context() as env:
-        for variable in LAUNCHER_VARIABLES:
-            env.delenv(variable, raising=False)
-        initialize_parallel(ParallelConfig(), seed=SEED)
+    with single_process_megatron(SEED):
         yield
-        destroy_parallel()
 
 
 @pytest.fixture(scope="module")

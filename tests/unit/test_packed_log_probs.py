@@ -12,9 +12,9 @@ import dataclasses
 
 import pytest
 import torch
+from single_process import single_process_megatron
 
 from megatron_rl.config import ModelConfig, ParallelConfig
-from megatron_rl.parallel.state import destroy_parallel, initialize_parallel
 from megatron_rl.platform import ensure_platform
 
 ensure_platform()  # before the first Megatron-Core import
@@ -27,7 +27,6 @@ from megatron_rl.learner.thd import PackedSequences  # noqa: E402
 from megatron_rl.parallel.vocab_parallel import log_probs_and_entropy  # noqa: E402
 
 SEED, TOL, TEMPERATURE = 4321, 5e-5, 0.7
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID")
 DENSE = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
                     vocab_size=128, max_position_embeddings=64)
 MOE = DENSE.model_copy(update={"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 64})
@@ -36,12 +35,8 @@ LENGTHS = [(3, 5), (7, 1), (2, 12), (5, 5), (1, 2)]  # (prompt, response) tokens
 
 @pytest.fixture(scope="module")
 def megatron_world():
-    with pytest.MonkeyPatch.context() as env:
-        for variable in LAUNCHER_VARIABLES:
-            env.delenv(variable, raising=False)
-        initialize_parallel(ParallelConfig(), seed=SEED)
+    with single_process_megatron(SEED):
         yield
-        destroy_parallel()
 
 
 def samples() -> list[RolloutSample]:
