@@ -83,7 +83,7 @@ STUDY = Study(
            "one mini-batch z is exactly 0 and the filter has nothing to do, and an engine-side mismatch (bf16, logit "
            "noise) does not enter z at all, so staleness is what makes the ratios deviate here. The trainer "
            f"logs a step's train/* metrics from its last mini-batch, which is {MINI_BATCHES - 1} updates stale.",
-    estimate="9 runs of ~1 min start-up + 32 steps of ~3 s: about 25 min.",
+    estimate="9 runs of ~65 s start-up + 32 steps of ~1.5-2.5 s (smoke run): about 20 min.",
     figures=figures,
     findings=findings,
 )

@@ -95,8 +95,8 @@ STUDY = Study(
            f"updates. GRPO is `ppo` with GRPO advantages and VESPO's clip (0.2, 0.28); the other losses use the "
            f"papers' defaults (GSPO 3e-4 / 4e-4, SAPO tau 1.0 / 1.05, KPO q 1e-6, VESPO (2, 3) / (3, 2)). "
            f"Evaluation is the training reward (no held-out benchmark).",
-    estimate="60 runs of ~1 min start-up + 128 optimizer steps: about 3.5 h (a measured smoke step took ~2 s at "
-             "N = 1 and ~5 s at N = 4).",
+    estimate="60 runs of ~65 s start-up + 128 optimizer steps (~0.4 s each at N = 1, measured in the smoke run): "
+             "about 2 h.",
     figures=figures,
     findings=findings,
 )

@@ -110,7 +110,7 @@ STUDY = Study(
            "learner, so with one mini-batch it neither sees nor corrects the mismatch (the paper's PPO-clip may "
            "clip pi_theta / mu instead; it does not say). An accept-everything `corrections.trm` mask on PPO-clip "
            "records the same bound metrics without changing its loss.",
-    estimate="15 runs of ~1 min start-up + 100 steps of ~2 s: about 65 min.",
+    estimate="15 runs of ~65 s start-up + 100 steps of ~1.5-2.5 s (smoke run): about 1 h.",
     figures=figures,
     findings=findings,
 )
