@@ -69,10 +69,10 @@ def max_diff(got: list[tuple[str, torch.Tensor]], want: dict[str, torch.Tensor])
     return max((tensor - want[name]).abs().max().item() for name, tensor in got)
 
 
-def build(kind: str, parallel: dict, distributed_optimizer: bool, world_size: int):
-    cfg = run_config(MODELS[kind], parallel, distributed_optimizer, LOSSES["ppo"], world_size)
+def build(kind: str, parallel: dict, distributed_optimizer: bool, world_size: int, data: dict | None = None):
+    cfg = run_config(MODELS[kind], parallel, distributed_optimizer, LOSSES["ppo"], world_size, data)
     initialize_parallel(cfg.parallel, seed=SEED)
-    chunks = build_model_chunks(cfg.model, cfg.parallel)
+    chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.data.pack_sequences)
     return cfg, chunks, wrap_data_parallel(chunks, cfg.optimizer)
 
 
@@ -97,10 +97,10 @@ def reference(out_dir: Path, samples) -> dict:
 
 def run_mode(mode: str, out_dir: Path, samples, rank: int) -> dict:
     kind = kind_of(mode)
-    _, parallel, distributed_optimizer = MODES[mode]
+    _, parallel, distributed_optimizer, data = MODES[mode]
     initial = torch.load(out_dir / f"initial_{kind}.pt", weights_only=True)
     twin = torch.load(out_dir / f"trained_{kind}.pt", weights_only=True)
-    cfg, chunks, model = build(kind, parallel, distributed_optimizer, 2)
+    cfg, chunks, model = build(kind, parallel, distributed_optimizer, 2, data)
     load_full_state(chunks, initial)
     got = exported(chunks)
     wrong = {}
