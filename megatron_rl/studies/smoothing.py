@@ -12,8 +12,8 @@ from pathlib import Path
 from matplotlib import colormaps
 
 from megatron_rl.studies.aggregate import aggregate, metric_curves, metric_means
-from megatron_rl.studies.plots import Series, plot_curves, plot_final_rewards, plot_reward_curves
-from megatron_rl.studies.study import FigureFile, Study
+from megatron_rl.studies.plots import Series, plot_curves
+from megatron_rl.studies.study import FigureFile, Study, reward_figures
 from megatron_rl.studies.study_report import point_table, reward_table
 from megatron_rl.sweep.grid import GridAxis
 
@@ -42,16 +42,11 @@ def figures(summary: dict, out: Path) -> list[FigureFile]:
                 "step", "fraction of adjacent token pairs that flip sign")
     plot_curves([("", _raw_and_filtered(summary, "variance"))], out / "variance.png", "KPO log-ratio variance",
                 "step", "variance over the step's response tokens", log_y=True)
-    points = aggregate(summary)
-    plot_reward_curves(points, out / "reward_curves.png", "reward per q")
-    plot_final_rewards(points, out / "final_reward.png", "reward per q")
     return [FigureFile("switch_frequency.png", "Sign-switch frequency of the raw log-ratio z (dashed) and of the "
                        "filtered x_hat (solid) per step, per q."),
             FigureFile("variance.png", "Variance of z (dashed) and x_hat (solid) over the response tokens of each "
                        "step (log scale), per q."),
-            FigureFile("reward_curves.png", "Reward per q, mean over seeds with a min-max band."),
-            FigureFile("final_reward.png", "Reward over the last 10 % of steps per q: mean, min-max, one dot per "
-                       "seed.")]
+            *reward_figures(summary, out, "q")]
 
 
 def findings(summary: dict) -> list[str]:

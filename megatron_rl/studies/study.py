@@ -35,6 +35,19 @@ class FigureFile:
     caption: str
 
 
+def reward_figures(summary: dict, out: Path, per: str) -> list[FigureFile]:
+    """Draw a study's reward curves and final-reward bars over its grid points ("reward per <per>")."""
+    from megatron_rl.studies.aggregate import aggregate
+    from megatron_rl.studies.plots import plot_final_rewards, plot_reward_curves
+
+    points = aggregate(summary)
+    plot_reward_curves(points, out / "reward_curves.png", f"reward per {per}")
+    plot_final_rewards(points, out / "final_reward.png", f"reward per {per}")
+    return [FigureFile("reward_curves.png", f"Reward per {per}, mean over seeds with a min-max band."),
+            FigureFile("final_reward.png", f"Reward over the last 10 % of steps per {per}: mean, min-max, one dot "
+                       "per seed.")]
+
+
 FigureFunction = Callable[[dict, Path], list[FigureFile]]  # (sweep.json summary, figure directory) -> figures
 FindingsFunction = Callable[[dict], list[str]]  # sweep.json summary -> markdown lines (tables, measured facts)
 ConfigOverrides = Callable[[Path, tuple[str, ...]], tuple[str, ...]]  # (base config, user overrides) -> overrides

@@ -14,8 +14,8 @@ import yaml
 
 from megatron_rl.config import dump_config, load_config
 from megatron_rl.studies.aggregate import Curve, Spread, aggregate, metric_curves, metric_means
-from megatron_rl.studies.plots import Series, plot_curves, plot_final_rewards, plot_reward_curves
-from megatron_rl.studies.study import FigureFile, Study
+from megatron_rl.studies.plots import Series, plot_curves
+from megatron_rl.studies.study import FigureFile, Study, reward_figures
 from megatron_rl.studies.study_report import point_table, reward_table
 from megatron_rl.sweep.grid import GridAxis
 
@@ -51,9 +51,6 @@ def _series(curves: dict[str, Curve]) -> list[Series]:
 
 
 def figures(summary: dict, out: Path) -> list[FigureFile]:
-    points = aggregate(summary)
-    plot_reward_curves(points, out / "reward_curves.png", "reward per variant")
-    plot_final_rewards(points, out / "final_reward.png", "reward per variant")
     plot_curves([("", _series(trm_curves(summary, "accept_rate")))], out / "acceptance.png",
                 "TRM acceptance rate", "step", "accepted fraction of sequences")
     gap = {c.label: c for c in metric_curves(summary, GAP)}
@@ -61,8 +58,7 @@ def figures(summary: dict, out: Path) -> list[FigureFile]:
                 "mean_i |mean_t (log pi_old - log mu)|")
     plot_curves([(bound, _series(trm_curves(summary, f"bound_{bound}"))) for bound in BOUNDS],
                 out / "bounds.png", "TRM bounds", "step", "bound (rewards in [0, 1])", log_y=True, columns=2)
-    return [FigureFile("reward_curves.png", "Reward per variant, mean over seeds with a min-max band."),
-            FigureFile("final_reward.png", "Reward over the last 10 % of steps: mean, min-max, one dot per seed."),
+    return [*reward_figures(summary, out, "variant"),
             FigureFile("acceptance.png", "Fraction of sequences TRM's mask accepts per step (token-IS and PPO-clip: "
                        "a mask that accepts every sequence, so 1 by construction)."),
             FigureFile("log_ppl_gap.png", "The log-PPL gap between the learner (pi_old) and the engine (mu) per step."),
