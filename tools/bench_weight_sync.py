@@ -3,11 +3,13 @@
     python tools/bench_weight_sync.py [--layers 8] [--hidden 512] [--vocab 8192] [--repeats 3]
 
 Starts one CPU engine on a random Qwen3 of the given shape, then measures, side by side in one run:
-  memcpy      copying every tensor into a preallocated buffer of the same size (the floor)
-  bucketed    WeightSync.push with rollout.weight_sync.bucket_mb (one request per bucket)
-  per-tensor  WeightSync.push with buckets of one tensor (one request per tensor)
-and prints bytes/s and the ratios bucketed / memcpy (goal >= 0.30) and bucketed / per-tensor (goal >= 5).
-Verification is off while timing (it is a separate read-back, see rollout.weight_sync.verify).
+  memcpy       copying every tensor into a preallocated buffer of the same size (the floor)
+  disk         WeightSync.push, transport "disk": bucket files under /dev/shm, one /update_weights_from_disk
+  distributed  WeightSync.push, transport "distributed": one gloo broadcast and one request per bucket
+  per-tensor   the same with buckets of one tensor (one broadcast and one request per tensor)
+and prints bytes/s and the ratios to memcpy (goal >= 0.30) and to per-tensor (goal >= 5) of both bucketed
+transports. Every push is a new weight version of the same tensors; verification is off while timing (it is a
+separate read-back, see rollout.weight_sync.verify).
 """
 
 import argparse
@@ -71,8 +73,10 @@ def main() -> None:
             memcpy = median_seconds(lambda: [b.copy_(t) for b, (_, t) in zip(buffers, tensors, strict=True)],
                                     args.repeats)
             results = {}
-            for label, bucket_mb in (("bucketed", args.bucket_mb), ("per-tensor", 1e-6)):
-                sync = WeightSync(engines, WeightSyncConfig(bucket_mb=bucket_mb, verify="none"))
+            for label, transport, bucket_mb in (("disk", "disk", args.bucket_mb),
+                                                ("distributed", "distributed", args.bucket_mb),
+                                                ("per-tensor", "distributed", 1e-6)):
+                sync = WeightSync(engines, WeightSyncConfig(bucket_mb=bucket_mb, verify="none", transport=transport))
                 version = iter(range(1, 1000))
                 results[label] = median_seconds(lambda s=sync, v=version: s.push(tensors, next(v)), args.repeats)
                 sync.close()
@@ -83,8 +87,9 @@ def main() -> None:
     print(f"{'method':<12}{'seconds':>10}{'GB/s':>10}")
     for label, seconds in (("memcpy", memcpy), *results.items()):
         print(f"{label:<12}{seconds:>10.4f}{total / seconds / 1e9:>10.3f}")
-    print(f"bucketed / memcpy throughput: {memcpy / results['bucketed']:.3f} (goal >= 0.30)")
-    print(f"bucketed / per-tensor throughput: {results['per-tensor'] / results['bucketed']:.2f} (goal >= 5)")
+    for label in ("disk", "distributed"):
+        print(f"{label} / memcpy throughput: {memcpy / results[label]:.3f} (goal >= 0.30); "
+              f"{label} / per-tensor: {results['per-tensor'] / results[label]:.2f} (goal >= 5)")
 
 
 if __name__ == "__main__":

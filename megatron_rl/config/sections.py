@@ -206,6 +206,10 @@ class WeightSyncConfig(Section):
     verify: Literal["checksum", "none"] = "checksum"  # re-read sampled tensors from every engine after a sync
     verify_tensors: PositiveInt = 4  # how many tensors "checksum" samples per sync
     flatten: bool = True  # one uint8 broadcast per bucket (load_format "flattened_bucket"); false: one per tensor
+    # "distributed": broadcast over a weight-update process group (engines anywhere); "disk": safetensors files
+    # in disk_dir, loaded with /update_weights_from_disk (engines on this host, or disk_dir on a shared filesystem)
+    transport: Literal["distributed", "disk"] = "distributed"
+    disk_dir: str = "/dev/shm"  # where "disk" writes its files (a tmpfs: the handoff stays in memory)
 
 
 class RouterConfig(Section):

@@ -16,20 +16,26 @@ broadcasting the bucket over each engine's group, and closes with /end_weight_up
 each starts aligned (rollout/flat_bucket.py, SGLang's load_format "flattened_bucket"), and sent in one
 broadcast; without, each tensor is copied and broadcast on its own.
 
+With `transport: disk` there are no process groups: each bucket is written into a safetensors file of a private
+directory under `disk_dir` (rollout/weight_files.py, rewritten in place on every push), then every engine is asked to
+/update_weights_from_disk that directory with the new weight_version. On a tmpfs this is the fast path for engines
+on the learner's host; elsewhere `disk_dir` must be a filesystem the engines share.
+
 Verification ("checksum"): every engine reports its weight_version, and the first 100 values of
 `verify_tensors` sampled tensors (/get_weights_by_name) must equal what was sent (in the engine's
 precision); a mismatch raises WeightSyncError. SGLang 0.5.23 answers /get_weights_by_name for
 Llama-family models only: for others its version is checked, with a warning.
 
-The last pushed tensors are kept (the copies made for sending: views into the flattened buckets,
-the model's size in all) so that `resync` can bring a restarted engine to the current version without
-a collective over the learner ranks.
+The last pushed tensors are kept (the copies made for sending: views into the flattened buckets or into the
+mapped files, the model's size in all) so that `resync` can bring a restarted engine to the current version
+without a collective over the learner ranks (disk: it loads the same files). Pushes and re-syncs take turns.
 """
 
 import logging
 import random
 import secrets
 import socket
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
@@ -44,6 +50,7 @@ from megatron_rl.rollout.engines import Engine
 from megatron_rl.rollout.flat_bucket import LOAD_FORMAT, flatten
 from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
 from megatron_rl.rollout.protocol import EngineError
+from megatron_rl.rollout.weight_files import WeightFiles
 
 log = logging.getLogger(__name__)
 VERIFY_VALUES = 100  # values per sampled tensor read back from an engine
@@ -91,36 +98,66 @@ class WeightSync:
         self.latest: list[tuple[str, torch.Tensor]] = []
         self._groups: dict[int, tuple[str, dist.ProcessGroup]] = {}  # id(engine) -> (group name, group)
         self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * len(engines)), thread_name_prefix="weight-sync")
+        self._lock = threading.Lock()  # a re-sync from the fleet's thread waits for a push in progress
+        self._files = WeightFiles(config.disk_dir) if config.transport == "disk" else None
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
              engines: list[Engine] | None = None) -> SyncReport:
         """Send the tensors (HF names) to `engines` (default: the ready ones) as weight version `version`."""
+        with self._lock:
+            return self._push(named_tensors, version, engines)
+
+    def resync(self, engine: Engine) -> None:
+        """Bring one (restarted) engine to the last pushed version."""
+        with self._lock:
+            self._forget(engine)
+            if self.version is None:
+                return
+            if self.config.transport == "disk":  # the files still hold the last push
+                self._load_files(engine, self.version)
+                if self.config.verify == "checksum":
+                    self._verify([engine], self.latest, self.version)
+            else:
+                self._push(self.latest, self.version, engines=[engine])
+
+    def _push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+              engines: list[Engine] | None) -> SyncReport:
         targets = [e for e in self.engines if e.ready] if engines is None else engines
         report = SyncReport(version)
         start = time.perf_counter()
-        kept = []
-        self._each(targets, _begin_session)
-        try:
-            for bucket in buckets_of(named_tensors, int(self.config.bucket_mb * 2**20)):
-                bucket = self._send_bucket(targets, bucket, version)
-                kept.extend(bucket)
-                report.tensors += len(bucket)
-                report.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-                report.buckets += 1
-        finally:
-            self._each(targets, lambda engine: engine.client.end_weight_update())
+        buckets = buckets_of(named_tensors, int(self.config.bucket_mb * 2**20))
+        if self.config.transport == "disk":
+            self.version, self.latest = None, []  # the files are rewritten in place: no complete version until done
+            sent = self._files.write(buckets)
+            self._each(targets, lambda engine: self._load_files(engine, version))
+        else:
+            sent = self._broadcast(targets, buckets, version)
         report.seconds = time.perf_counter() - start
-        if engines is None:
+        kept = [pair for bucket in sent for pair in bucket]
+        report.buckets, report.tensors = len(sent), len(kept)
+        report.bytes = sum(t.numel() * t.element_size() for _, t in kept)
+        if engines is None or self.config.transport == "disk":
             self.latest, self.version = kept, version
         if self.config.verify == "checksum":
             report.verified = self._verify(targets, kept, version)
         return report
 
-    def resync(self, engine: Engine) -> None:
-        """Bring one (restarted) engine to the last pushed version."""
-        self._forget(engine)
-        if self.version is not None:
-            self.push(self.latest, self.version, engines=[engine])
+    def _broadcast(self, engines: list[Engine], buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int
+                   ) -> list[list[tuple[str, torch.Tensor]]]:
+        """One weight-update session on every engine, each bucket sent in it; returns the sent copies per bucket."""
+        self._each(engines, _begin_session)
+        try:
+            return [self._send_bucket(engines, bucket, version) for bucket in buckets]
+        finally:
+            self._each(engines, lambda engine: engine.client.end_weight_update())
+
+    def _load_files(self, engine: Engine, version: int) -> None:
+        try:
+            engine.client.update_weights_from_disk(str(self._files.path), weight_version=str(version))
+        except EngineError as exc:
+            raise WeightSyncError(f"engine {engine.url} could not load the weights written to {self._files.path} "
+                                  f"({exc.message}); the 'disk' transport needs rollout.weight_sync.disk_dir on a "
+                                  "filesystem the engine sees (this host's /dev/shm, or a shared one)") from exc
 
     def _send_bucket(self, engines: list[Engine], bucket: list[tuple[str, torch.Tensor]], version: int
                      ) -> list[tuple[str, torch.Tensor]]:
@@ -204,6 +241,8 @@ class WeightSync:
         for engine in list(self.engines):
             self._forget(engine)
         self._pool.shutdown(wait=False)
+        if self._files is not None:
+            self._files.close()
 
 
 def _begin_session(engine: Engine) -> None:

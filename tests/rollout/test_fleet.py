@@ -3,8 +3,9 @@
 - weight sync: a push of new weights (several buckets over the gloo weight-update groups) reaches both engines:
   their greedy tokens and logprobs equal a local transformers copy with the same weights; verification catches an
   engine that holds other values.
+- the "disk" transport: safetensors files rewritten in place (same inodes) reach both engines as exactly.
 - faults: one engine is killed (SIGKILL) mid-batch; the batch completes with every prompt answered exactly once,
-  and the engine is restarted and re-synced to the current weight version.
+  and the engine is restarted and re-synced to the current weight version (over either transport).
 """
 
 import os
@@ -76,25 +77,34 @@ def storages(named_tensors) -> int:
     return len({tensor.untyped_storage().data_ptr() for _, tensor in named_tensors})
 
 
-def test_push_reaches_every_engine_exactly(engines, model_dir):
-    tensors, reference = new_weights(model_dir, scale=0.05)
-    # the norms travel as bfloat16: flattened buckets of mixed dtypes (the engines cast them back to float32)
+def mixed_dtype_weights(model_dir, scale: float):
+    """new_weights with the norms as bfloat16: buckets of mixed dtypes (the engines cast them back to float32)."""
+    tensors, reference = new_weights(model_dir, scale)
     with torch.no_grad():
         for name, parameter in reference.named_parameters():
             if name.endswith("norm.weight"):
                 parameter.copy_(parameter.bfloat16().float())
-    tensors = [(name, t.bfloat16() if name.endswith("norm.weight") else t) for name, t in tensors]
+    return [(name, t.bfloat16() if name.endswith("norm.weight") else t) for name, t in tensors], reference
+
+
+def assert_engines_serve(engines, reference, version: str):
+    """Every engine is at `version` and answers the probe greedily as the local reference model does."""
+    expected_tokens, expected_logprobs = local_greedy(reference, PROBE, GREEDY["max_new_tokens"])
+    for engine in engines:
+        generation = engine.client.generate(PROBE, GREEDY)
+        assert generation.weight_version == version
+        assert generation.output_ids == expected_tokens
+        assert max(abs(a - b) for a, b in zip(generation.output_logprobs, expected_logprobs, strict=True)) <= 1e-5
+
+
+def test_push_reaches_every_engine_exactly(engines, model_dir):
+    tensors, reference = mixed_dtype_weights(model_dir, scale=0.05)
     sync = WeightSync(engines, WeightSyncConfig(bucket_mb=0.05, verify="checksum", verify_tensors=6))
     report = sync.push(tensors, version=7)
     assert report.buckets > 2 and report.tensors == len(tensors)
     assert storages(sync.latest) == report.buckets  # flattened: the kept copies are views into one tensor a bucket
     assert len(report.verified) == 6
-    expected_tokens, expected_logprobs = local_greedy(reference, PROBE, GREEDY["max_new_tokens"])
-    for engine in engines:
-        generation = engine.client.generate(PROBE, GREEDY)
-        assert generation.weight_version == "7"
-        assert generation.output_ids == expected_tokens
-        assert max(abs(a - b) for a, b in zip(generation.output_logprobs, expected_logprobs, strict=True)) <= 1e-5
+    assert_engines_serve(engines, reference, "7")
     # negative control: one engine gets other values for one tensor behind the sync's back
     name, tensor = tensors[0]
     engines[1].client.begin_weight_update()
@@ -106,20 +116,39 @@ def test_push_reaches_every_engine_exactly(engines, model_dir):
     per_tensor = WeightSync(engines, WeightSyncConfig(bucket_mb=0.05, verify="checksum", flatten=False))
     per_tensor.push(tensors, version=8)  # and a push repairs it, one broadcast per tensor
     assert storages(per_tensor.latest) == len(tensors)
-    for engine in engines:
-        generation = engine.client.generate(PROBE, GREEDY)
-        assert generation.weight_version == "8" and generation.output_ids == expected_tokens
+    assert_engines_serve(engines, reference, "8")
     per_tensor.close()
 
 
-def test_killed_engine_mid_batch_every_prompt_answered_once_then_resynced(engines, model_dir):
+def test_a_disk_push_rewrites_its_files_in_place_and_reaches_every_engine_exactly(engines, model_dir, tmp_path):
+    sync = WeightSync(engines, WeightSyncConfig(bucket_mb=0.05, verify="checksum", verify_tensors=6,
+                                                transport="disk", disk_dir=str(tmp_path)))
+    files = sync._files.path
+    assert files.parent == tmp_path and (files.stat().st_mode & 0o777) == 0o700
+    first, _ = mixed_dtype_weights(model_dir, scale=0.02)
+    report = sync.push(first, version=21)
+    written = sorted(files.iterdir())
+    assert report.buckets > 2 and len(written) == report.buckets and report.tensors == len(first)
+    inodes = [path.stat().st_ino for path in written]
+    tensors, reference = mixed_dtype_weights(model_dir, scale=0.04)
+    report = sync.push(tensors, version=22)
+    assert [path.stat().st_ino for path in sorted(files.iterdir())] == inodes  # the same files, rewritten
+    assert len(report.verified) == 6
+    assert_engines_serve(engines, reference, "22")
+    sync.close()
+    assert not files.exists()
+
+
+@pytest.mark.parametrize("transport", ["distributed", "disk"])
+def test_killed_engine_mid_batch_every_prompt_answered_once_then_resynced(engines, model_dir, transport, tmp_path):
     tensors, reference = new_weights(model_dir, scale=0.03)
-    sync = WeightSync(engines, WeightSyncConfig(verify="checksum"))
+    sync = WeightSync(engines, WeightSyncConfig(verify="checksum", transport=transport, disk_dir=str(tmp_path)))
     sync.push(tensors, version=11)
     fleet = Fleet(engines, max_concurrency=8, max_retries=3, resync=sync.resync)
     prompts = [PROBE[:-1] + [12 + i % 20, 2] for i in range(48)]
     params = {"temperature": 1.0, "max_new_tokens": 48, "ignore_eos": True}
     victim = engines[0]
+    restarts = victim.restarts + 1
 
     def kill_once_busy():  # as soon as the victim holds requests: they are lost with it
         while victim.in_flight == 0:
@@ -136,14 +165,10 @@ def test_killed_engine_mid_batch_every_prompt_answered_once_then_resynced(engine
     assert fleet.stats["engine_failures"] >= 1 and fleet.stats["retries"] >= 1  # the kill hit requests in flight
 
     deadline = time.monotonic() + 120
-    while not (victim.ready and victim.restarts == 1) and time.monotonic() < deadline:
+    while not (victim.ready and victim.restarts == restarts) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert victim.ready and victim.restarts == 1, victim.process.log_tail()
-    assert victim.client.get_weight_version() == "11"
-    expected_tokens, expected_logprobs = local_greedy(reference, PROBE, GREEDY["max_new_tokens"])
-    generation = victim.client.generate(PROBE, GREEDY)
-    assert generation.output_ids == expected_tokens
-    assert max(abs(a - b) for a, b in zip(generation.output_logprobs, expected_logprobs, strict=True)) <= 1e-5
+    assert victim.ready and victim.restarts == restarts, victim.process.log_tail()
+    assert_engines_serve([victim], reference, "11")
     fleet.shutdown(stop_engines=False)
     sync.close()
 

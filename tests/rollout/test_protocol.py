@@ -40,6 +40,8 @@ from megatron_rl.cli import build_parser
 from megatron_rl.rollout.flat_bucket import LOAD_FORMAT, flatten
 from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
 from megatron_rl.rollout.protocol import EngineClient, EngineError, Generation
+from megatron_rl.rollout.weight_files import WeightFiles
+from megatron_rl.rollout.weight_sync import buckets_of
 
 EXTERNAL_URL = os.environ.get("MEGATRON_RL_PROTOCOL_URL")
 TOL = float(os.environ.get("MEGATRON_RL_PROTOCOL_TOL", "1e-5"))
@@ -347,6 +349,18 @@ def test_update_from_disk(client, base, tmp_path, restore):
     new.save_pretrained(tmp_path)
     client.update_weights_from_disk(str(tmp_path), weight_version="disk-1")
     assert_serves(client, new, "disk-1")
+
+
+def test_update_from_disk_takes_the_weight_sync_files(client, base, tmp_path, restore):
+    """The "disk" transport's directory: bucket files of weights only, no config.json, rewritten in place."""
+    files = WeightFiles(tmp_path)
+    for version, seed in (("files-1", 3), ("files-2", 4)):
+        new = perturbed(base, seed=seed)
+        files.write(buckets_of(hf_tensors(new), bucket_bytes=64 * 1024))
+        assert len(list(files.path.iterdir())) > 2
+        client.update_weights_from_disk(str(files.path), weight_version=version)
+        assert_serves(client, new, version)
+    files.close()
 
 
 @ours_only
