@@ -20,8 +20,8 @@ from megatron_rl.sweep.grid import GridAxis
 Q_KEY = "algorithm.kpo.q"
 Q_VALUES = ("1e-6", "1e-4", "1e-2")
 MINI_BATCHES = 4
-ROLLOUT_PROMPTS = 32
-STEPS = 32
+ROLLOUT_PROMPTS = 128  # 4 mini-batches of the quickstart's 32 prompts
+STEPS = 36  # 144 updates: the quickstart's budget, over which its reward rises from <= 0.2 to >= 0.7
 RAW_AND_FILTERED = {"switch": ("train/kpo/z_switch_freq", "train/kpo/x_hat_switch_freq"),
                     "variance": ("train/kpo/z_var", "train/kpo/x_hat_var")}
 
@@ -73,12 +73,14 @@ STUDY = Study(
           "token switch frequency of the ratio drops from 0.43 to 0.01 after filtering (secondary source).",
     design=f"The quickstart's toy task, loss `kpo` (clip 3e-4 / 4e-4, R = 1), {ROLLOUT_PROMPTS} prompts x 8 samples "
            f"per rollout batch split into {MINI_BATCHES} mini-batches (the KPO paper's 4), {STEPS} steps "
-           f"({STEPS * MINI_BATCHES} optimizer steps; the same runs as the staleness study's kpo N = 4 point). "
+           f"({STEPS * MINI_BATCHES} optimizer steps of {ROLLOUT_PROMPTS // MINI_BATCHES} prompts, the quickstart's "
+           "budget; the same runs as the staleness study's kpo N = 4 point). "
            "KPO filters z = log pi_theta - log pi_old, the learner's ratio to its own policy before the update: with "
            "one mini-batch z is exactly 0 and the filter has nothing to do, and an engine-side mismatch (bf16, logit "
            "noise) does not enter z at all, so staleness is what makes the ratios deviate here. The trainer "
            f"logs a step's train/* metrics from its last mini-batch, which is {MINI_BATCHES - 1} updates stale.",
-    estimate="9 runs of ~65 s start-up + 32 steps of ~1.5-2.5 s (smoke run): about 20 min.",
+    estimate="9 runs of ~65 s start-up + 4x the work of the first design's runs (88-118 s each for 32 steps of "
+             "32 prompts): about 4 min per run, 35 min in all.",
     figures=figures,
     findings=findings,
 )

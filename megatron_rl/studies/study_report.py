@@ -3,8 +3,10 @@
 The report states how the study was run (the exact command, base config, every run's overrides, the grid with
 each variant's overrides, the seeds, the train steps, the finished and failed runs, the measured wall time on
 this machine and the estimate for the full study), the papers' claim and the design (full runs only), then the
-study's tables (`Study.findings`: numbers measured by the runs, nothing else) and figures. A smoke run's
-report opens by saying that it is one and that its numbers support no conclusion.
+study's tables (`Study.findings`: numbers measured by the runs, nothing else) and figures. The reading of the
+results is written by hand in REPORT_DIR/<study>.discussion.md and appended as "Discussion", so that writing
+the report again (a resumed or extended sweep) keeps it. A smoke run's report opens by saying that it is one and
+that its numbers support no conclusion.
 
 `point_table` is the tables' common form: one row per grid point, a column per metric, each cell the mean
 [min, max] over seeds of a per-seed value.
@@ -19,6 +21,7 @@ from megatron_rl.studies.report import format_spread
 from megatron_rl.studies.study import SMOKE_STEPS, Study, StudyRun
 from megatron_rl.sweep.summary import read_summary
 
+DISCUSSION_SUFFIX = ".discussion.md"
 SMOKE_NOTICE = (f"**Smoke run** ({SMOKE_STEPS} steps per run, one seed, a reduced grid): it shows that the study "
                 "runs end to end and produces its figures. Its numbers are not results and support no conclusion "
                 "about the methods.")
@@ -41,6 +44,10 @@ def write_study_report(study: Study, run: StudyRun) -> Path:
               *study.findings(summary), ""]
     for figure in figures:
         lines += [f"![{figure.caption}]({study.name}/{figure.file})", "", f"*{figure.caption}*", ""]
+    discussion = run.report_dir / f"{study.name}{DISCUSSION_SUFFIX}"
+    if not run.smoke and discussion.is_file():
+        lines += ["## Discussion", "", f"*Written by hand from the results above ({discussion.name}).*", "",
+                  discussion.read_text().strip(), ""]
     path.write_text("\n".join(lines))
     return path
 

@@ -55,16 +55,15 @@ class RunDir:
         return self.path / MARKER_FILE
 
     def marker(self) -> dict | None:
-        """The marker's record ({"wall_seconds", "steps", "settings"}), or None for a run not finished."""
+        """The marker's record ({"wall_seconds", "steps"}), or None for a run not finished."""
         try:
             return json.loads(self.marker_path.read_text())
         except FileNotFoundError:
             return None
 
-    def mark_finished(self, wall_seconds: float, steps: int, settings: str) -> None:
-        """Write the marker (atomically: a crash leaves no marker or a whole one). `settings` identifies the
-        run's configuration, so that a later sweep with other settings does not take this run as its own."""
-        record = {"wall_seconds": wall_seconds, "steps": steps, "settings": settings}
+    def mark_finished(self, wall_seconds: float, steps: int) -> None:
+        """Write the marker (atomically: a crash leaves no marker or a whole one)."""
+        record = {"wall_seconds": wall_seconds, "steps": steps}
         write_atomically(self.marker_path, json.dumps(record, indent=1) + "\n")
 
     def clear(self) -> None:

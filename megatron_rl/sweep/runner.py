@@ -7,7 +7,8 @@
 1. Plan (`plan_sweep`), before anything runs: every run's config is loaded with the project's loader
    (config file + overrides + grid point + seed + the run's placement), and every error of every grid
    point is raised at once as a SweepError naming the grid point and the key.
-2. Run: a finished run (run_dir.py's marker) is skipped; any other run's directory is cleared, its
+2. Run: a finished run (run_dir.py's marker) is skipped if its config.yaml, read by today's loader, is the
+   planned one (else planning fails, naming its directory); any other run's directory is cleared, its
    resolved config (with free engine ports) written to config.yaml, and `run_fn` trains it. A run that
    exits 0 with a metrics row for each of data.train_steps steps gets the marker; any other run is
    reported (name, exit code, the end of its log) and the sweep goes on. sweep.json is rewritten after
@@ -24,7 +25,6 @@ prompt order (PromptSampler) and every learner RNG: Python's, NumPy's, torch's a
 weights are model.hf_path's, whatever the seed.
 """
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -70,10 +70,15 @@ class PlannedRun:
     dir: RunDir
     config: RunConfig  # resolved; engine ports as configured (each launch picks free ones)
 
-    @property
-    def settings(self) -> str:
-        """A digest of the resolved config: a finished run is reused only by a sweep that gives it the same."""
-        return hashlib.sha256(dump_config(self.config).encode()).hexdigest()
+    def trained_as_planned(self) -> bool:
+        """Whether the run's config.yaml (as launched), read by today's loader, is this plan's config, the launched
+        engines' ports aside: a key added to the code since the run counts as its default, a default changed
+        since as the value the run had."""
+        try:
+            launched = load_config(self.dir.config_path)
+        except (ConfigError, OSError):
+            return False
+        return _without_launched_ports(launched) == _without_launched_ports(self.config)
 
 
 @dataclass
@@ -109,7 +114,7 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
         planned.append(PlannedRun(index, point, run_dir, config))
     problems += [f"{run.dir.path}: finished with other settings than this sweep gives it (config, overrides or "
                  f"defaults changed); remove that directory to run it again, or choose another --out"
-                 for run in planned if (marker := run.dir.marker()) and marker["settings"] != run.settings]
+                 for run in planned if run.dir.marker() is not None and not run.trained_as_planned()]
     if problems:
         raise SweepError(problems)
     return planned
@@ -146,6 +151,15 @@ def run_sweep(spec: SweepSpec, run_fn: RunFunction = launch_run, *, rich_bar: bo
     return 1 if failed else 0
 
 
+def _without_launched_ports(config: RunConfig) -> dict:
+    """The config as nested dicts, each launched engine's port (chosen free at launch) left out."""
+    raw = config.model_dump(mode="json", by_alias=True)
+    for engine in raw["rollout"]["engines"]:
+        if engine["launch"]:
+            del engine["port"]
+    return raw
+
+
 def _placement(out: Path, run_dir: RunDir) -> list[str]:
     """The overrides that put a run's outputs into its directory (paths quoted as YAML strings)."""
     return [f"tracking.dir={json.dumps(str(out))}", f"tracking.run_name={json.dumps(run_dir.path.name)}",
@@ -175,7 +189,7 @@ def _execute(run: PlannedRun, run_fn: RunFunction, on_step: Callable[[int], None
         return RunRecord("failed", exit_code=exit_code, wall_seconds=wall,
                          error=f"exit code 0 but {run.dir.metrics_path} has {steps} rows, not data.train_steps = "
                                f"{wanted}")
-    run.dir.mark_finished(wall, steps, run.settings)
+    run.dir.mark_finished(wall, steps)
     return RunRecord("finished", exit_code=0, wall_seconds=wall)
 
 

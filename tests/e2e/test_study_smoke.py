@@ -27,7 +27,7 @@ VERDICT_WORDS = re.compile(r"\b(better|worse|outperform\w*|confirm\w*|reproduc\w
 STUDIES = {  # name: (figures, the two grid points' run names, a check of the first run's resolved config)
     "staleness": (("reward_curves.png", "final_reward_grid.png"),
                   ("loss=vespo__N=1__seed=0", "loss=vespo__N=4__seed=0"),
-                  lambda c: (c.algorithm.loss, c.data.num_mini_batches, c.data.rollout_batch_size) == ("vespo", 1, 8)),
+                  lambda c: (c.algorithm.loss, c.data.num_mini_batches, c.data.rollout_batch_size) == ("vespo", 1, 32)),
     "smoothing": (("switch_frequency.png", "variance.png", "reward_curves.png", "final_reward.png"),
                   ("algorithm.kpo.q=1e-6__seed=0", "algorithm.kpo.q=1e-2__seed=0"),
                   lambda c: (c.algorithm.loss, c.algorithm.kpo.q, c.data.num_mini_batches) == ("kpo", 1e-6, 4)),

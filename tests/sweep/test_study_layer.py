@@ -35,13 +35,14 @@ def test_staleness_keeps_the_mini_batch_and_the_optimizer_steps_and_its_smoke_gr
     assert len(runs) == 5 * 4 * 3
     by_name = {run.name: run.overrides() for run in runs}
     assert by_name["loss=grpo__N=16__seed=2"] == [
-        "algorithm.loss=ppo", "algorithm.ppo.eps_high=0.28", "data.num_mini_batches=16", "data.rollout_batch_size=128",
-        "data.train_steps=8", "data.seed=2"]
-    assert by_name["loss=kpo__N=1__seed=0"][-3:] == ["data.rollout_batch_size=8", "data.train_steps=128", "data.seed=0"]
+        "algorithm.loss=ppo", "algorithm.ppo.eps_high=0.28", "data.num_mini_batches=16", "data.rollout_batch_size=512",
+        "data.train_steps=9", "data.seed=2"]
+    assert by_name["loss=kpo__N=1__seed=0"][-3:] == ["data.rollout_batch_size=32", "data.train_steps=144",
+                                                     "data.seed=0"]
     smoke = expand_grid(list(study.grid(smoke=True)), seeds=1)
     assert [run.overrides() for run in smoke] == [
-        ["algorithm.loss=vespo", "data.num_mini_batches=1", "data.rollout_batch_size=8", "data.seed=0"],
-        ["algorithm.loss=vespo", "data.num_mini_batches=4", "data.rollout_batch_size=32", "data.seed=0"]]
+        ["algorithm.loss=vespo", "data.num_mini_batches=1", "data.rollout_batch_size=32", "data.seed=0"],
+        ["algorithm.loss=vespo", "data.num_mini_batches=4", "data.rollout_batch_size=128", "data.seed=0"]]
     assert study.run_overrides(True, QUICKSTART, ("a.b=1",)) == ("checkpoint.save_interval=0", "data.train_steps=2",
                                                                  "a.b=1")
 
@@ -58,7 +59,7 @@ def test_every_study_point_loads_with_the_quickstart_config(name, points, task_o
     if name == "smoothing":
         assert [c.algorithm.kpo.q for c in configs] == [1e-6, 1e-4, 1e-2]
         assert {(c.algorithm.loss, c.data.num_mini_batches, c.data.rollout_batch_size) for c in configs} == {
-            ("kpo", 4, 32)}
+            ("kpo", 4, 128)}
     else:
         assert [(c.algorithm.loss, c.algorithm.trm.max_k2, c.algorithm.trm.avg_k3) for c in configs] == [
             ("trm", float("inf"), None), ("ppo", 0.05, None), ("trm", 0.05, None), ("trm", None, 0.001),
@@ -131,9 +132,13 @@ def test_a_full_study_report_states_the_run_the_claim_and_the_measured_tables(tr
     monkeypatch.setattr("megatron_rl.studies.study.run_sweep", lambda spec: 0)  # the sweep ran already
     run = study_run("trm", smoke=False, seeds=2, out=str(trm_sweep), report_dir=str(tmp_path / "docs"),
                     config=str(QUICKSTART), overrides=list(task_overrides))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "trm.discussion.md").write_text("The seeds do not separate the variants.\n")
     exit_code, path = run_study(STUDIES["trm"], run)
     report = path.read_text()
     assert (exit_code, path) == (0, tmp_path / "docs" / "trm.md")
+    assert report.endswith("## Discussion\n\n*Written by hand from the results above (trm.discussion.md).*\n\n"
+                           "The seeds do not separate the variants.\n")
     assert f"```bash\n{run.command}\n```" in report and "Smoke run" not in report
     assert "- grid `variant`: `TRM-max`, `PPO-clip`\n  - `TRM-max`: `algorithm.loss=trm`\n" in report
     assert "in all, 60-60 s per run" in report and "## What the papers report" in report

@@ -169,6 +169,23 @@ def test_a_finished_run_with_other_settings_is_not_taken_as_this_sweeps(config, 
         f"changed); remove that directory to run it again, or choose another --out" for name in (KPO0, VESPO0)]
 
 
+def test_a_key_added_to_the_code_since_a_run_counts_as_its_default_and_a_changed_default_as_the_runs_value(
+        config, tmp_path):
+    out = tmp_path / "sweep"
+    run_sweep(spec(config, out, seeds=1), FakeRuns(), rich_bar=False)
+    launched = out / KPO0 / "config.yaml"
+    raw = yaml.safe_load(launched.read_text())
+    del raw["rollout"]["weight_sync"]["transport"]  # as written before the key existed
+    launched.write_text(yaml.safe_dump(raw))
+    again = FakeRuns()
+    run_sweep(spec(config, out, seeds=1), again, rich_bar=False)
+    assert again.calls == []  # the missing key is read as its default: the same settings
+    raw["rollout"]["weight_sync"]["bucket_mb"] = 64.0  # as if the default had been 64 when the run was made
+    launched.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SweepError, match=f"{KPO0}: finished with other settings"):
+        run_sweep(spec(config, out, seeds=1), FakeRuns())
+
+
 def test_launched_engines_get_free_ports(config):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
