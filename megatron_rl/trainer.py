@@ -119,7 +119,7 @@ class Trainer:
         except BaseException:
             stop_engines(engines)
             raise
-        self.weight_sync = WeightSync(engines, cfg.rollout.weight_sync)
+        self.weight_sync = WeightSync(engines, cfg.rollout.weight_sync, flush_cache=not cfg.rollout.async_mode)
         self.fleet = Fleet(engines, cfg.rollout.max_concurrency, cfg.rollout.max_retries,
                            resync=self.weight_sync.resync, router=router)
         self.buffer = RolloutBuffer(cfg.rollout.max_staleness)

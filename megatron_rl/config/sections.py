@@ -210,6 +210,9 @@ class WeightSyncConfig(Section):
     # in disk_dir, loaded with /update_weights_from_disk (engines on this host, or disk_dir on a shared filesystem)
     transport: Literal["distributed", "disk"] = "distributed"
     disk_dir: str = "/dev/shm"  # where "disk" writes its files (a tmpfs: the handoff stays in memory)
+    # seconds an engine may take to finish its requests before the prefix-cache flush that follows a push (sync
+    # runs; async runs do not flush)
+    flush_wait: NonNegativeFloat = 60.0
 
 
 class RouterConfig(Section):

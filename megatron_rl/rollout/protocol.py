@@ -132,8 +132,10 @@ class EngineClient:
         """The server generates (it runs a one-token generation)."""
         return self._ok("GET", "/health_generate")
 
-    def flush_cache(self) -> None:
-        self._call("POST", "/flush_cache", {})
+    def flush_cache(self, wait_seconds: float = 0.0) -> None:
+        """Empty the prefix cache. SGLang refuses (400) while requests run or wait; wait_seconds > 0 lets it wait
+        up to that long for them to finish (its ?timeout=)."""
+        self._call("POST", f"/flush_cache?timeout={wait_seconds:g}" if wait_seconds > 0 else "/flush_cache", {})
 
     def pause_generation(self, mode: str = "abort") -> None:
         """abort: in-flight requests end with finish_reason abort; in_place / retract: they wait for continue.

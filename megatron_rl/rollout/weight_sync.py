@@ -21,6 +21,12 @@ directory under `disk_dir` (rollout/weight_files.py, rewritten in place on every
 /update_weights_from_disk that directory with the new weight_version. On a tmpfs this is the fast path for engines
 on the learner's host; elsewhere `disk_dir` must be a filesystem the engines share.
 
+The prefix cache: the updates themselves do not flush it (SGLang would refuse, failing the update, while it still
+frees a request it has just answered). After the push each engine is asked to /flush_cache, waiting up to
+`flush_wait` seconds for its requests to finish. With `flush_cache=False` (the trainer's async mode, whose engines
+are always generating) there is no flush: requests in flight go on with the new weights from their next token,
+and a new request may reuse prompt-prefix KV computed with the old ones (SGLang's --disable-radix-cache avoids it).
+
 Verification ("checksum"): every engine reports its weight_version, and the first 100 values of
 `verify_tensors` sampled tensors (/get_weights_by_name) must equal what was sent (in the engine's
 precision); a mismatch raises WeightSyncError. SGLang 0.5.23 answers /get_weights_by_name for
@@ -92,8 +98,9 @@ def buckets_of(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: 
 
 class WeightSync:
     def __init__(self, engines: list[Engine], config: WeightSyncConfig, backend: str = "gloo",
-                 master_address: str | None = None):
+                 master_address: str | None = None, flush_cache: bool = True):
         self.engines, self.config, self.backend, self.master_address = engines, config, backend, master_address
+        self.flush_cache = flush_cache
         self.version: int | None = None
         self.latest: list[tuple[str, torch.Tensor]] = []
         self._groups: dict[int, tuple[str, dist.ProcessGroup]] = {}  # id(engine) -> (group name, group)
@@ -115,6 +122,8 @@ class WeightSync:
                 return
             if self.config.transport == "disk":  # the files still hold the last push
                 self._load_files(engine, self.version)
+                if self.flush_cache:
+                    engine.client.flush_cache(wait_seconds=self.config.flush_wait)
                 if self.config.verify == "checksum":
                     self._verify([engine], self.latest, self.version)
             else:
@@ -132,6 +141,8 @@ class WeightSync:
             self._each(targets, lambda engine: self._load_files(engine, version))
         else:
             sent = self._broadcast(targets, buckets, version)
+        if self.flush_cache:
+            self._each(targets, lambda engine: engine.client.flush_cache(wait_seconds=self.config.flush_wait))
         report.seconds = time.perf_counter() - start
         kept = [pair for bucket in sent for pair in bucket]
         report.buckets, report.tensors = len(sent), len(kept)
@@ -153,7 +164,8 @@ class WeightSync:
 
     def _load_files(self, engine: Engine, version: int) -> None:
         try:
-            engine.client.update_weights_from_disk(str(self._files.path), weight_version=str(version))
+            engine.client.update_weights_from_disk(str(self._files.path), weight_version=str(version),
+                                                   flush_cache=False)
         except EngineError as exc:
             raise WeightSyncError(f"engine {engine.url} could not load the weights written to {self._files.path} "
                                   f"({exc.message}); the 'disk' transport needs rollout.weight_sync.disk_dir on a "
@@ -173,7 +185,7 @@ class WeightSync:
         shapes = [list(tensor.shape) for _, tensor in bucket]
         groups = [self._group(engine) for engine in engines]
         requests = [self._pool.submit(engine.client.update_weights_from_distributed, names=names, dtypes=dtypes,
-                                      shapes=shapes, group_name=name, weight_version=str(version), flush_cache=True,
+                                      shapes=shapes, group_name=name, weight_version=str(version), flush_cache=False,
                                       load_format=load_format)
                     for engine, (name, _) in zip(engines, groups, strict=True)]
         for _, group in groups:

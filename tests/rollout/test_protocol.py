@@ -37,11 +37,13 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from megatron_rl.cli import build_parser
+from megatron_rl.config.sections import WeightSyncConfig
+from megatron_rl.rollout.engines import Engine
 from megatron_rl.rollout.flat_bucket import LOAD_FORMAT, flatten
 from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
 from megatron_rl.rollout.protocol import EngineClient, EngineError, Generation
 from megatron_rl.rollout.weight_files import WeightFiles
-from megatron_rl.rollout.weight_sync import buckets_of
+from megatron_rl.rollout.weight_sync import WeightSync, buckets_of
 
 EXTERNAL_URL = os.environ.get("MEGATRON_RL_PROTOCOL_URL")
 TOL = float(os.environ.get("MEGATRON_RL_PROTOCOL_TOL", "1e-5"))
@@ -361,6 +363,21 @@ def test_update_from_disk_takes_the_weight_sync_files(client, base, tmp_path, re
         client.update_weights_from_disk(str(files.path), weight_version=version)
         assert_serves(client, new, version)
     files.close()
+
+
+def test_a_push_right_after_a_batch_is_answered_loads_and_flushes(client, base, tmp_path, restore):
+    """The trainer's order: a batch is answered and the new weights are pushed at once. SGLang answers a request
+    before it has freed it, and refuses a flush until then: the push loads without flushing, then flushes waiting
+    for it (rollout.weight_sync.flush_wait)."""
+    sync = WeightSync([Engine(client)], WeightSyncConfig(transport="disk", disk_dir=str(tmp_path), verify="none"))
+    try:
+        for version, seed in ((101, 11), (102, 12), (103, 13)):
+            new = perturbed(base, seed=seed)
+            client.generate_batch(PROMPTS, {"temperature": 1.0, "max_new_tokens": 16})
+            sync.push(hf_tensors(new), version=version)
+            assert_serves(client, new, str(version))
+    finally:
+        sync.close()
 
 
 @ours_only
