@@ -43,7 +43,8 @@ def launch_engines(rollout: RolloutConfig, model_path: str, log_dir: str | Path,
                                        "another port, or set launch: false to use it as the engine")
             command = (cpu_server_command(spec, model_path) if spec.kind == "cpu"
                        else sglang_server_command(spec, model_path, token))
-            process = ServerProcess(command, token, Path(log_dir) / f"engine{index}.log")
+            process = ServerProcess(command, token, Path(log_dir) / f"engine{index}.log",
+                                    watches_parent=spec.kind == "cpu")
             process.start()
         engines.append(Engine(client, process, startup_timeout=rollout.startup_timeout))
     for engine in engines:

@@ -2,7 +2,9 @@
 
 An engine process is a command (`megatron-rl serve ...` on CPU, `python -m sglang.launch_server ...`
 on GPU nodes) with its admin token in the environment (never on the command line, where `ps`
-shows it) and its output in a log file. `wait_until_ready` polls /health_generate and, if the
+shows it) and its output in a log file, in a session of its own. A command that does not watch its
+launcher itself (SGLang, sglang-router; `megatron-rl serve` does) runs under rollout/parent_watchdog.py, so
+that it stops when the launcher dies, even by SIGKILL. `wait_until_ready` polls /health_generate and, if the
 process dies first, fails with the end of its log.
 """
 
@@ -14,7 +16,8 @@ import time
 from pathlib import Path
 
 from megatron_rl.config.sections import EngineSpec
-from megatron_rl.rollout.cpu_server import PARENT_ENV, TOKEN_ENV
+from megatron_rl.rollout.cpu_server import TOKEN_ENV
+from megatron_rl.rollout.parent_watchdog import PARENT_ENV, watched
 from megatron_rl.rollout.protocol import EngineClient
 
 
@@ -31,10 +34,12 @@ def cpu_server_command(spec: EngineSpec, model_path: str) -> list[str]:
 
 
 class ServerProcess:
-    """One engine process; its stdout and stderr go to `log_path` (appended across restarts)."""
+    """One engine process; its stdout and stderr go to `log_path` (appended across restarts). watches_parent:
+    the command stops by itself when this process is gone; otherwise it runs under the parent watchdog."""
 
-    def __init__(self, command: list[str], token: str, log_path: str | Path):
-        self.command, self.token, self.log_path = command, token, Path(log_path)
+    def __init__(self, command: list[str], token: str, log_path: str | Path, watches_parent: bool = False):
+        self.command = command if watches_parent else watched(command)
+        self.token, self.log_path = token, Path(log_path)
         self._process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -53,14 +58,14 @@ class ServerProcess:
         return None if self._process is None else self._process.pid
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout` seconds."""
+        """SIGTERM, then SIGKILL to its whole process group (a server's own children too) after `timeout` s."""
         if not self.alive():
             return
         self._process.send_signal(signal.SIGTERM)
         try:
             self._process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self._process.kill()
+            os.killpg(self._process.pid, signal.SIGKILL)  # its own session: the group id is its pid
             self._process.wait()
 
     def log_tail(self, lines: int = 30) -> str:

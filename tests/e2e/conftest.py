@@ -57,7 +57,7 @@ def start_server(tmp_path_factory):
         port, token = free_port(), secrets.token_hex(16)
         command = [sys.executable, "-m", "megatron_rl.cli", "serve", "--model-path", str(model_path),
                    "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--threads", str(SERVER_THREADS)]
-        process = ServerProcess(command, token, tmp_path_factory.mktemp("serve") / "server.log")
+        process = ServerProcess(command, token, tmp_path_factory.mktemp("serve") / "server.log", watches_parent=True)
         processes.append(process)
         process.start()
         client = EngineClient(f"http://127.0.0.1:{port}", token=token)

@@ -68,7 +68,7 @@ def servers(checkpoint, tmp_path_factory):
     started = {}
     try:
         for name, command in commands.items():
-            started[name] = ServerProcess(command, token, logs / f"{name}.log")
+            started[name] = ServerProcess(command, token, logs / f"{name}.log", watches_parent=True)
             started[name].start()
         clients = {name: EngineClient(f"http://127.0.0.1:{command[command.index('--port') + 1]}", token=token,
                                       timeout=120) for name, command in commands.items()}
