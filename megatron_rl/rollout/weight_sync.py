@@ -122,8 +122,7 @@ class WeightSync:
                 return
             if self.config.transport == "disk":  # the files still hold the last push
                 self._load_files(engine, self.version)
-                if self.flush_cache:
-                    engine.client.flush_cache(wait_seconds=self.config.flush_wait)
+                self._flush([engine])
                 if self.config.verify == "checksum":
                     self._verify([engine], self.latest, self.version)
             else:
@@ -141,8 +140,7 @@ class WeightSync:
             self._each(targets, lambda engine: self._load_files(engine, version))
         else:
             sent = self._broadcast(targets, buckets, version)
-        if self.flush_cache:
-            self._each(targets, lambda engine: engine.client.flush_cache(wait_seconds=self.config.flush_wait))
+        self._flush(targets)
         report.seconds = time.perf_counter() - start
         kept = [pair for bucket in sent for pair in bucket]
         report.buckets, report.tensors = len(sent), len(kept)
@@ -161,6 +159,11 @@ class WeightSync:
             return [self._send_bucket(engines, bucket, version) for bucket in buckets]
         finally:
             self._each(engines, lambda engine: engine.client.end_weight_update())
+
+    def _flush(self, engines: list[Engine]) -> None:
+        """Each engine's prefix cache emptied, once its requests are done (unless pushes do not flush)."""
+        if self.flush_cache:
+            self._each(engines, lambda engine: engine.client.flush_cache(wait_seconds=self.config.flush_wait))
 
     def _load_files(self, engine: Engine, version: int) -> None:
         try:
