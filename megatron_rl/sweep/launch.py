@@ -12,6 +12,9 @@ own session; the trainer stops its servers), and, if it has not exited after STO
 Ports: the trainer refuses to launch an engine on a port something already listens on (it fails at once, it
 does not hang), so a server left by a crashed run would fail every later run of the sweep. Each run therefore
 gets free loopback ports for the engines it launches, chosen just before it starts and written into its config.
+Another program may still take such a port before the engine binds it; `lost_port_race` recognises that
+failure (no step logged, the trainer's "already listens" error in the log), and the sweep starts the run again
+on other ports.
 """
 
 import os
@@ -40,6 +43,14 @@ def with_free_engine_ports(config: RunConfig) -> RunConfig:
                 sock.bind((engine["host"], 0))
                 engine["port"] = sock.getsockname()[1]
     return config_from_dict(raw)
+
+
+PORT_TAKEN = "something already listens on"  # the trainer's EngineStartError for a busy engine port
+
+
+def lost_port_race(run_dir: RunDir) -> bool:
+    """Whether the run failed before its first step because an engine port was taken after it was chosen."""
+    return run_dir.steps_logged() == 0 and PORT_TAKEN in run_dir.log_path.read_text(errors="replace")
 
 
 def train_command(config_path: str | os.PathLike, world_size: int) -> list[str]:

@@ -9,7 +9,8 @@
    point is raised at once as a SweepError naming the grid point and the key.
 2. Run: a finished run (run_dir.py's marker) is skipped if its config.yaml, read by today's loader, is the
    planned one (else planning fails, naming its directory); any other run's directory is cleared, its
-   resolved config (with free engine ports) written to config.yaml, and `run_fn` trains it. A run that
+   resolved config (with free engine ports) written to config.yaml, and `run_fn` trains it (started again, up
+   to PORT_ATTEMPTS times, when another program took an engine port first: launch.py). A run that
    exits 0 with a metrics row for each of data.train_steps steps gets the marker; any other run is
    reported (name, exit code, the end of its log) and the sweep goes on. sweep.json is rewritten after
    every run.
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from megatron_rl.config import ConfigError, RunConfig, dump_config, load_config
 from megatron_rl.sweep.grid import SEED_KEY, GridAxis, RunPoint, expand_grid
-from megatron_rl.sweep.launch import launch_run, with_free_engine_ports
+from megatron_rl.sweep.launch import launch_run, lost_port_race, with_free_engine_ports
 from megatron_rl.sweep.progress import SweepProgress
 from megatron_rl.sweep.run_dir import METRICS_FILE, RunDir, reward_summary
 from megatron_rl.sweep.summary import SUMMARY_FILE, write_summary
@@ -41,6 +42,7 @@ from megatron_rl.sweep.summary import SUMMARY_FILE, write_summary
 SWEEP_KEYS = ("tracking.dir", "tracking.run_name", "tracking.jsonl_path", "checkpoint.dir", "checkpoint.resume",
               SEED_KEY)
 LOG_TAIL_LINES = 20
+PORT_ATTEMPTS = 3  # starts of a run whose engine port another program took between choosing and binding it
 
 RunFunction = Callable[[RunDir, int, Callable[[int], None]], int]  # (run dir, world size, on_step) -> exit code
 
@@ -176,12 +178,15 @@ def _earlier_record(run: PlannedRun) -> RunRecord:
 
 def _execute(run: PlannedRun, run_fn: RunFunction, on_step: Callable[[int], None]) -> RunRecord:
     """Clear the run's directory, write its config, train it, and mark it finished if it is."""
-    run.dir.clear()
-    config = with_free_engine_ports(run.config)
-    run.dir.config_path.write_text(dump_config(config))
-    start = time.monotonic()
-    exit_code = run_fn(run.dir, config.parallel.world_size, on_step)
-    wall = time.monotonic() - start
+    for _ in range(PORT_ATTEMPTS):
+        run.dir.clear()
+        config = with_free_engine_ports(run.config)
+        run.dir.config_path.write_text(dump_config(config))
+        start = time.monotonic()
+        exit_code = run_fn(run.dir, config.parallel.world_size, on_step)
+        wall = time.monotonic() - start
+        if exit_code == 0 or not lost_port_race(run.dir):
+            break
     steps, wanted = run.dir.steps_logged(), config.data.train_steps
     if exit_code != 0:
         return RunRecord("failed", exit_code=exit_code, wall_seconds=wall, error=f"exit code {exit_code}")

@@ -15,6 +15,7 @@ from megatron_rl.config import load_config
 from megatron_rl.sweep import SweepError, SweepSpec, parse_grid_option, read_summary, run_sweep
 from megatron_rl.sweep.launch import with_free_engine_ports
 from megatron_rl.sweep.run_dir import RunDir
+from megatron_rl.sweep.runner import PORT_ATTEMPTS
 
 STEPS = 20
 
@@ -23,13 +24,19 @@ class FakeRuns:
     """A run function: logs STEPS rows (reward of step k: seed / 10 + k / 100) unless told otherwise."""
 
     def __init__(self, exit_codes: dict[str, int] | None = None, rows: dict[str, int] | None = None,
-                 interrupt: str | None = None):
+                 interrupt: str | None = None, ports_taken: dict[str, int] | None = None):
         self.exit_codes, self.rows, self.interrupt = exit_codes or {}, rows or {}, interrupt
+        self.ports_taken = dict(ports_taken or {})  # name -> how many starts fail on a taken engine port
         self.calls: list[str] = []
 
     def __call__(self, run_dir: RunDir, world_size: int, on_step) -> int:
         name = run_dir.path.name
         self.calls.append(name)
+        if self.ports_taken.get(name, 0) > 0:
+            self.ports_taken[name] -= 1
+            run_dir.log_path.write_text("EngineStartError: rollout.engines[0]: something already listens on "
+                                        "127.0.0.1:40000 (a server left from another run?)\n")
+            return 1
         assert world_size == 1 and run_dir.config_path.exists()
         seed = load_config(run_dir.config_path).data.seed
         with run_dir.log_path.open("a") as log:
@@ -184,6 +191,14 @@ def test_a_key_added_to_the_code_since_a_run_counts_as_its_default_and_a_changed
     launched.write_text(yaml.safe_dump(raw))
     with pytest.raises(SweepError, match=f"{KPO0}: finished with other settings"):
         run_sweep(spec(config, out, seeds=1), FakeRuns())
+
+
+def test_a_run_whose_engine_port_was_taken_starts_again_on_other_ports_a_bounded_number_of_times(config, tmp_path):
+    runs = FakeRuns(ports_taken={KPO0: PORT_ATTEMPTS - 1, VESPO0: PORT_ATTEMPTS}, exit_codes={KPO1: 1})
+    assert run_sweep(spec(config, tmp_path / "sweep"), runs, rich_bar=False) == 1
+    assert runs.calls == [KPO0] * PORT_ATTEMPTS + [VESPO0] * PORT_ATTEMPTS + [KPO1, VESPO1]  # KPO1: other failure
+    status = {run["name"]: run["status"] for run in read_summary(tmp_path / "sweep")["runs"]}
+    assert status == {KPO0: "finished", VESPO0: "failed", KPO1: "failed", VESPO1: "finished"}
 
 
 def test_launched_engines_get_free_ports(config):
