@@ -81,10 +81,10 @@ from safetensors.torch import safe_open
 from megatron_rl.rollout.flat_bucket import LOAD_FORMAT, byte_offsets, unflatten
 from megatron_rl.rollout.hf_engine import Completion, HFGenerator, SamplingParams, eos_token_ids, load_hf_model
 from megatron_rl.rollout.logit_noise import LogitNoise
+from megatron_rl.rollout.parent_watchdog import PARENT_ENV
 from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
 
 TOKEN_ENV = "MEGATRON_RL_SERVE_TOKEN"
-PARENT_ENV = "MEGATRON_RL_SERVE_PARENT_PID"  # set by a launcher: stop serving when that process is gone
 EXIT_USAGE = 2
 PAUSE_MODES = ("abort", "retract", "in_place")
 HOLD_MODES = ("in_place", "retract")
