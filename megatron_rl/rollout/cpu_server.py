@@ -12,16 +12,10 @@ mu_t = softmax(logits_t / T + S * eps_t), a train-inference mismatch of known si
 (--logit-noise-seed K, the request's sampling_seed, the output position t) only, so a seeded request gets the same
 noise in any batch (rollout/logit_noise.py has the formula).
 
-Scheduling: each /generate request is queued; one scheduler thread takes what is queued (up to
---max-batch-size requests), runs it as one batch and answers each request. Between two decode steps
-the batch polls the scheduler, which can abort it or hold it:
-  /pause_generation {mode: abort}      aborts queued and running requests (finish_reason abort, 200);
-  {mode: in_place | retract}           holds the running batch where it is (no KV cache to free:
-                                       retract behaves as in_place); in every mode new requests wait
-                                       until /continue_generation.
-  /abort_request {rid | abort_all}     a queued request ends at once; a running one stops its batch at
-                                       the next step, and the batch's other requests start over (with a
-                                       sampling_seed, the same tokens again).
+Generation (rollout/serve_scheduler.py runs it): /generate requests are queued and run in batches of up to
+--max-batch-size. /pause_generation {mode: abort} aborts queued and running requests (finish_reason abort, 200);
+{mode: in_place | retract} holds the running batch; in every mode new requests wait until /continue_generation.
+/abort_request {rid | abort_all} ends the request(s); the other requests of a running batch start over.
 Weights change only while no batch computes: /begin_weight_update waits for the running batch to
 finish (or be held) and starts none until /end_weight_update (begin is idempotent, so a restarted
 trainer can reopen its session; end without a session is a 400). /update_weights_from_distributed and
@@ -35,6 +29,7 @@ each at a byte offset that is a multiple of its itemsize (rollout/flat_bucket.py
 negative dimension is a 400 before anything is received); any other value is a 400.
 Each generation reports the weight_version its last token came from, and weight_versions
 [{version, start, end}] over its output tokens (several only when an update happened while it was held).
+Every request body is checked first (rollout/serve_fields.py): a 400 names the unknown, missing or ill-typed field.
 
 Security: binds 127.0.0.1 unless --host says otherwise. A token is required to start (else the
 server refuses, exit code 2); `--no-token` serves without one and is accepted on a loopback address
@@ -64,10 +59,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -79,15 +71,15 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import safe_open
 
 from megatron_rl.rollout.flat_bucket import LOAD_FORMAT, byte_offsets, unflatten
-from megatron_rl.rollout.hf_engine import Completion, HFGenerator, SamplingParams, eos_token_ids, load_hf_model
+from megatron_rl.rollout.hf_engine import HFGenerator, SamplingParams, eos_token_ids, load_hf_model
 from megatron_rl.rollout.logit_noise import LogitNoise
 from megatron_rl.rollout.parent_watchdog import PARENT_ENV
 from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
+from megatron_rl.rollout.serve_fields import ROUTER_DEFAULTS, HTTPError, fields, int_list, is_int, str_list
+from megatron_rl.rollout.serve_scheduler import PAUSE_MODES, Request, Scheduler
 
 TOKEN_ENV = "MEGATRON_RL_SERVE_TOKEN"
 EXIT_USAGE = 2
-PAUSE_MODES = ("abort", "retract", "in_place")
-HOLD_MODES = ("in_place", "retract")
 DEFAULT_GROUP = "weight_update_group"
 GROUP_TIMEOUT = timedelta(minutes=10)  # rendezvous and each receive of a weight-update group
 HEALTH_TIMEOUT = 20.0  # seconds /health_generate waits for its one-token generation (SGLang's default)
@@ -95,280 +87,6 @@ MAX_BODY = {"open": 1 << 20, "reader": 64 << 20, "admin": 64 << 30}  # bytes of 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 log = logging.getLogger("megatron_rl.serve")
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-# --- scheduling ------------------------------------------------------------------------------------------
-
-@dataclass(eq=False)
-class _Request:
-    prompt: list[int]
-    params: SamplingParams
-    rid: str
-    completion: Completion | None = None
-    error: str | None = None
-    spans: list[tuple[str, int]] = field(default_factory=list)  # (weight version, first output token from it)
-
-    @property
-    def done(self) -> bool:
-        return self.completion is not None or self.error is not None
-
-
-def _aborted(message: str) -> Completion:
-    return Completion([], [], {"type": "abort", "message": message})
-
-
-class Scheduler:
-    """Runs queued requests through the generator, one batch at a time, in its own thread.
-
-    State, guarded by one condition variable: the queue; `computing` (a batch is inside generate and
-    not held, so the model is in use); `pause_mode`; `session` (begin..end_weight_update); `weight_users`
-    (updates or reads of the weights waiting or running). A batch starts only when none of pause,
-    session, weight users holds it back; a held batch resumes only when none does.
-    """
-
-    def __init__(self, generator: HFGenerator, initial_version: str = "default"):
-        self.generator = generator
-        self.weight_version = initial_version
-        self.pause_mode: str | None = None
-        self.session = False
-        self._cond = threading.Condition()
-        self.weights_lock = threading.Lock()  # held to change the weights, or to read them
-        self._queue: deque[_Request] = deque()
-        self._running: list[_Request] = []
-        self._computing = False
-        self._weight_users = 0
-        self._abort_running: str | None = None  # why the whole running batch is being aborted
-        self._aborted_rids: set[str] = set()  # running requests to abort (the batch's others start over)
-        self._spans: list[tuple[str, int]] = []
-        self._polls = 0
-        self._stopping = False
-        self.last_step = 0.0  # time.monotonic() of the last batch poll
-        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    # called from HTTP handler threads
-
-    def submit(self, requests: list[_Request]) -> None:
-        with self._cond:
-            if self._stopping:
-                for request in requests:
-                    request.completion = _aborted("the server is shutting down")
-                return
-            self._queue.extend(requests)
-            self._cond.notify_all()
-
-    def wait(self, requests: list[_Request], timeout: float | None = None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: all(r.done for r in requests), timeout)
-
-    def withdraw(self, request: _Request) -> None:
-        """Drop a request that is still queued (a health probe that was answered otherwise)."""
-        with self._cond:
-            if request in self._queue:
-                self._queue.remove(request)
-
-    def pause(self, mode: str) -> None:
-        """Returns once no batch computes (aborted or held)."""
-        with self._cond:
-            self.pause_mode = mode
-            if mode == "abort":
-                self._abort_all("aborted by pause_generation")
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: not self._computing)
-
-    def resume(self) -> None:
-        with self._cond:
-            self.pause_mode = None
-            self._cond.notify_all()
-
-    def abort(self, rid: str | None, abort_all: bool) -> None:
-        with self._cond:
-            if abort_all:
-                self._abort_all("aborted by abort_request")
-            else:
-                for request in [r for r in self._queue if r.rid == rid]:
-                    self._queue.remove(request)
-                    request.completion = _aborted("aborted by abort_request")
-                if any(r.rid == rid for r in self._running):
-                    self._aborted_rids.add(rid)
-            self._cond.notify_all()
-
-    def begin_session(self) -> bool:
-        """Open the weight-update session (False if it was open already); returns once no batch computes."""
-        with self._cond:
-            opened, self.session = not self.session, True
-            self._cond.wait_for(lambda: not self._computing)
-            return opened
-
-    def end_session(self) -> bool:
-        with self._cond:
-            if not self.session:
-                return False
-            self.session = False
-            self._cond.notify_all()
-            return True
-
-    @contextmanager
-    def writing_weights(self):
-        """Exclusive use of the model's weights: no batch computes inside (a running one finishes first)."""
-        with self.weights_lock:
-            with self._cond:
-                self._weight_users += 1
-                self._cond.wait_for(lambda: not self._computing)
-            try:
-                yield
-            finally:
-                with self._cond:
-                    self._weight_users -= 1
-                    self._cond.notify_all()
-
-    def set_version(self, version: str) -> None:
-        with self._cond:
-            self.weight_version = version
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._abort_all("the server is shutting down")
-            self._cond.notify_all()
-        self._thread.join(timeout=30)
-
-    # the scheduler thread
-
-    def _abort_all(self, message: str) -> None:
-        while self._queue:
-            self._queue.popleft().completion = _aborted(message)
-        if self._running:
-            self._abort_running = message
-
-    def _held_back(self) -> bool:
-        return self.pause_mode is not None or self.session or self._weight_users > 0
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._stopping or (self._queue and not self._held_back()))
-                if self._stopping:
-                    return
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.generator.max_batch_size))]
-                self._running, self._computing, self._polls = batch, True, 0
-                self._spans = [(self.weight_version, 0)]
-            start = time.perf_counter()
-            try:
-                completions = self.generator.generate([r.prompt for r in batch], [r.params for r in batch], self._poll)
-                error = None
-            except Exception as exc:  # noqa: BLE001 - answered to the batch's requests; the server goes on
-                log.exception("batch of %d requests failed", len(batch))
-                completions, error = [None] * len(batch), f"generation failed: {type(exc).__name__}: {exc}"
-            self._finish(batch, completions, error, time.perf_counter() - start)
-
-    def _poll(self) -> bool:
-        """Called by HFGenerator before the prefill and between decode steps (poll n: n tokens out so far)."""
-        with self._cond:
-            self.last_step = time.monotonic()
-            produced, self._polls = self._polls, self._polls + 1
-            if self.pause_mode in HOLD_MODES and not self._must_abort():
-                self._computing = False
-                self._cond.notify_all()
-                self._cond.wait_for(lambda: not self._held_back() or self._must_abort())
-                self._computing = True
-            if self.weight_version != self._spans[-1][0]:
-                self._spans.append((self.weight_version, produced))
-            return self._must_abort()
-
-    def _must_abort(self) -> bool:
-        return (self._stopping or self._abort_running is not None
-                or any(r.rid in self._aborted_rids for r in self._running))
-
-    def _finish(self, batch: list[_Request], completions: list, error: str | None, seconds: float) -> None:
-        with self._cond:
-            restart = []
-            for request, completion in zip(batch, completions, strict=True):
-                if error is not None:
-                    request.error = error
-                elif (completion.finish_reason["type"] == "abort" and self._abort_running is None
-                      and not self._stopping and request.rid not in self._aborted_rids):
-                    restart.append(request)  # stopped because another request of its batch was aborted
-                else:
-                    request.spans, request.completion = list(self._spans), completion
-            self._queue.extendleft(reversed(restart))
-            self._running, self._computing = [], False
-            self._abort_running, self._aborted_rids = None, set()
-            self._cond.notify_all()
-        if error is None:
-            log.info("batch: %d requests, %d prompt + %d output tokens, %.3f s, weight_version %s%s", len(batch),
-                     sum(len(r.prompt) for r in batch), sum(len(c.output_ids) for c in completions), seconds,
-                     self._spans[-1][0], f", {len(restart)} restarted" if restart else "")
-
-
-# --- request validation --------------------------------------------------------------------------------
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-_KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
-    "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "int": (_is_int, "an integer"),
-    "port": (lambda v: _is_int(v) and 0 < v < 65536, "a port number (1-65535)"),
-    "version": (lambda v: v is None or isinstance(v, str | int) and not isinstance(v, bool) and str(v) != "",
-                "a non-empty string or null"),
-    "null": (lambda v: v is None, "null (the only value this server supports)"),
-    "load_format": (lambda v: v is None or v == LOAD_FORMAT,
-                    f"null (one broadcast per tensor) or {LOAD_FORMAT!r} (one uint8 broadcast of all their bytes)"),
-    "false": (lambda v: v is False, "false (the only value this server supports)"),
-    "any": (lambda v: True, ""),
-}
-
-
-# Fields of SGLang's GenerateReqInput that sglang-router always forwards: accepted at these values only.
-_ROUTER_DEFAULTS = {"model": ("any", None), "log_metrics": ("bool", True), "no_logs": ("bool", False),
-                    **{name: ("false", False) for name in ("return_text_in_logprobs", "return_hidden_states",
-                                                           "background", "return_bytes", "return_entropy")}}
-
-
-def _fields(body: dict, required: dict[str, str], optional: dict[str, tuple[str, object]]) -> dict:
-    """The body's fields, checked: `required` name -> kind, `optional` name -> (kind, default); 400 naming the
-    first unknown, missing or ill-typed field."""
-    unknown = sorted(set(body) - set(required) - set(optional))
-    if unknown:
-        raise HTTPError(400, f"unknown field(s) {', '.join(map(repr, unknown))}; accepted: "
-                             f"{', '.join([*required, *optional]) or 'none'}")
-    values = {}
-    for name, kind in required.items():
-        if name not in body:
-            raise HTTPError(400, f"{name}: missing (required, {_KINDS[kind][1]})")
-        values[name] = body[name]
-    for name, (_, default) in optional.items():
-        values[name] = body.get(name, default)
-    for name, value in values.items():
-        kind = required.get(name) or optional[name][0]
-        if name in body and not _KINDS[kind][0](value):
-            raise HTTPError(400, f"{name}: expected {_KINDS[kind][1]}, got {value!r:.100}")
-    return values
-
-
-def _int_list(value, name: str, minimum: int = 0) -> list[int]:
-    if not isinstance(value, list) or not all(_is_int(v) and v >= minimum for v in value):
-        raise HTTPError(400, f"{name}: expected a list of integers >= {minimum}, got {value!r:.100}")
-    return value
-
-
-def _str_list(value, name: str, length: int | None = None) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise HTTPError(400, f"{name}: expected a list of non-empty strings, got {value!r:.100}")
-    if length is not None and len(value) != length:
-        raise HTTPError(400, f"{name}: expected {length} entries (one per entry of names), got {len(value)}")
-    return value
 
 
 # --- the endpoints -------------------------------------------------------------------------------------
@@ -387,16 +105,16 @@ class Server:
     def generate(self, body: dict) -> dict | list:
         if "text" in body:
             raise HTTPError(400, "text: not supported (this server takes token ids): send input_ids")
-        fields = _fields(body, {"input_ids": "any"}, {"sampling_params": ("any", None), "return_logprob": (
-            "bool", False), "rid": ("any", None), "stream": ("false", False), **_ROUTER_DEFAULTS})
-        requests, single = self._requests(fields["input_ids"], fields["sampling_params"], fields["rid"])
+        f = fields(body, {"input_ids": "any"}, {"sampling_params": ("any", None), "return_logprob": (
+            "bool", False), "rid": ("any", None), "stream": ("false", False), **ROUTER_DEFAULTS})
+        requests, single = self._requests(f["input_ids"], f["sampling_params"], f["rid"])
         start = time.perf_counter()
         self.scheduler.submit(requests)
         self.scheduler.wait(requests)
-        answers = [self._answer(r, fields["return_logprob"], time.perf_counter() - start) for r in requests]
+        answers = [self._answer(r, f["return_logprob"], time.perf_counter() - start) for r in requests]
         return answers[0] if single else answers
 
-    def _requests(self, input_ids, sampling_params, rid) -> tuple[list[_Request], bool]:
+    def _requests(self, input_ids, sampling_params, rid) -> tuple[list[Request], bool]:
         single = isinstance(input_ids, list) and bool(input_ids) and not isinstance(input_ids[0], list)
         prompts = [input_ids] if single else input_ids
         if not isinstance(prompts, list) or not prompts:
@@ -423,7 +141,7 @@ class Server:
         else:
             raise HTTPError(400, f"rid: expected {'a non-empty string' if single else f'a list of {len(prompts)} '
                                  'non-empty strings (one per prompt)'} or null, got {rid!r:.100}")
-        return [_Request(p, s, r) for p, s, r in zip(prompts, params, rids, strict=True)], single
+        return [Request(p, s, r) for p, s, r in zip(prompts, params, rids, strict=True)], single
 
     @staticmethod
     def _params(value, name: str) -> SamplingParams:
@@ -436,14 +154,14 @@ class Server:
         vocab, context = self.generator.vocab_size, self.generator.context_length
         if not isinstance(prompt, list) or not prompt:
             raise HTTPError(400, f"{name}: expected a non-empty list of token ids, got {prompt!r:.100}")
-        bad = next((t for t in prompt if not (_is_int(t) and 0 <= t < vocab)), None)
+        bad = next((t for t in prompt if not (is_int(t) and 0 <= t < vocab)), None)
         if bad is not None:
             raise HTTPError(400, f"{name}: token id {bad!r} is not an integer in [0, {vocab})")
         if context is not None and len(prompt) + params.max_new_tokens > context:
             raise HTTPError(400, f"{name}: {len(prompt)} prompt tokens + max_new_tokens {params.max_new_tokens} "
                                  f"exceed the model's context length {context}")
 
-    def _answer(self, request: _Request, return_logprob: bool, seconds: float) -> dict:
+    def _answer(self, request: Request, return_logprob: bool, seconds: float) -> dict:
         if request.error is not None:
             raise HTTPError(500, request.error)
         completion = request.completion
@@ -470,7 +188,7 @@ class Server:
         """200 once a one-token generation ran, or the running batch made a step; 503 while generation is paused."""
         if self.scheduler.pause_mode is not None or self.scheduler.session:
             raise HTTPError(503, "generation is paused (pause_generation or a weight update session)")
-        probe = _Request([0], SamplingParams(temperature=0.0, max_new_tokens=1), f"HEALTH_CHECK_{uuid.uuid4().hex}")
+        probe = Request([0], SamplingParams(temperature=0.0, max_new_tokens=1), f"HEALTH_CHECK_{uuid.uuid4().hex}")
         since = time.monotonic()
         self.scheduler.submit([probe])
         answered = False
@@ -482,27 +200,27 @@ class Server:
         return None
 
     def flush_cache(self, body: dict) -> str:
-        _fields(body, {}, {})
+        fields(body, {}, {})
         return "Cache flushed.\nThis server keeps no prefix cache: nothing to flush.\n"
 
     def pause_generation(self, body: dict) -> dict:
-        mode = _fields(body, {}, {"mode": ("str", "abort")})["mode"]
+        mode = fields(body, {}, {"mode": ("str", "abort")})["mode"]
         if mode not in PAUSE_MODES:
             raise HTTPError(400, f"mode: expected one of {', '.join(PAUSE_MODES)}, got {mode!r}")
         self.scheduler.pause(mode)
         return {"message": "Generation paused successfully.", "status": "ok"}
 
     def continue_generation(self, body: dict) -> dict:
-        _fields(body, {}, {"torch_empty_cache": ("bool", True)})
+        fields(body, {}, {"torch_empty_cache": ("bool", True)})
         self.scheduler.resume()
         return {"message": "Generation continued successfully.", "status": "ok"}
 
     def abort_request(self, body: dict) -> None:
-        fields = _fields(body, {}, {"rid": ("any", ""), "abort_all": ("bool", False)})
-        rid = fields["rid"]
-        if not isinstance(rid, str | None) or (not rid and not fields["abort_all"]):
+        f = fields(body, {}, {"rid": ("any", ""), "abort_all": ("bool", False)})
+        rid = f["rid"]
+        if not isinstance(rid, str | None) or (not rid and not f["abort_all"]):
             raise HTTPError(400, f"rid: expected a non-empty string (or abort_all: true), got {rid!r:.100}")
-        self.scheduler.abort(rid, fields["abort_all"])
+        self.scheduler.abort(rid, f["abort_all"])
 
     # weights
 
@@ -516,28 +234,28 @@ class Server:
     model_info = get_model_info  # SGLang's newer name, which sglang-router asks first
 
     def get_weights_by_name(self, body: dict) -> list[float]:
-        fields = _fields(body, {"name": "str"}, {"truncate_size": ("int", 100)})
+        f = fields(body, {"name": "str"}, {"truncate_size": ("int", 100)})
         with self.scheduler.weights_lock:
             try:
-                return self.generator.weights_by_name(fields["name"], fields["truncate_size"])
+                return self.generator.weights_by_name(f["name"], f["truncate_size"])
             except (KeyError, ValueError) as exc:
                 field_name = "name" if isinstance(exc, KeyError) else "truncate_size"
                 raise HTTPError(400, f"{field_name}: {exc.args[0]}") from exc
 
     def begin_weight_update(self, body: dict) -> dict:
-        _fields(body, {}, {"selector": ("any", None)})
+        fields(body, {}, {"selector": ("any", None)})
         opened = self.scheduler.begin_session()  # idempotent: a restarted trainer may find its session open
         return {"success": True, "message": "Weight update session " + ("begun" if opened else "was open already")
                 + ": no batch runs until end_weight_update."}
 
     def end_weight_update(self, body: dict) -> dict:
-        _fields(body, {}, {})
+        fields(body, {}, {})
         if not self.scheduler.end_session():
             raise HTTPError(400, "no weight update session is open (call /begin_weight_update first)")
         return {"success": True, "message": "Weight update session ended."}
 
     def init_weights_update_group(self, body: dict) -> dict:
-        f = _fields(body, {"master_address": "str", "master_port": "port", "rank_offset": "int", "world_size": "int"},
+        f = fields(body, {"master_address": "str", "master_port": "port", "rank_offset": "int", "world_size": "int"},
                     {"group_name": ("str", DEFAULT_GROUP), "backend": ("str", "nccl")})
         if f["backend"] != "gloo":
             raise HTTPError(400, f"backend: this CPU server supports 'gloo' only, got {f['backend']!r} "
@@ -559,7 +277,7 @@ class Server:
         return {"success": True, "message": "Succeeded to initialize custom process group."}
 
     def destroy_weights_update_group(self, body: dict) -> dict:
-        name = _fields(body, {}, {"group_name": ("str", DEFAULT_GROUP)})["group_name"]
+        name = fields(body, {}, {"group_name": ("str", DEFAULT_GROUP)})["group_name"]
         with self._groups_lock:
             group = self.groups.pop(name, None)
             if group is None:
@@ -568,16 +286,16 @@ class Server:
         return {"success": True, "message": "Succeeded to destroy custom process group."}
 
     def update_weights_from_distributed(self, body: dict) -> dict:
-        f = _fields(body, {"names": "any", "dtypes": "any", "shapes": "any"}, {
+        f = fields(body, {"names": "any", "dtypes": "any", "shapes": "any"}, {
             "group_name": ("str", DEFAULT_GROUP), "weight_version": ("version", None), "flush_cache": ("bool", True),
             "abort_all_requests": ("bool", False), "load_format": ("load_format", None)})
         self._require_session("update_weights_from_distributed")
-        names = _str_list(f["names"], "names")
-        dtypes = [self._dtype(d, f"dtypes[{i}]") for i, d in enumerate(_str_list(f["dtypes"], "dtypes", len(names)))]
+        names = str_list(f["names"], "names")
+        dtypes = [self._dtype(d, f"dtypes[{i}]") for i, d in enumerate(str_list(f["dtypes"], "dtypes", len(names)))]
         if not isinstance(f["shapes"], list) or len(f["shapes"]) != len(names):
             raise HTTPError(400, f"shapes: expected {len(names)} shapes (one per entry of names), "
                                  f"got {f['shapes']!r:.100}")
-        shapes = [_int_list(s, f"shapes[{i}]") for i, s in enumerate(f["shapes"])]
+        shapes = [int_list(s, f"shapes[{i}]") for i, s in enumerate(f["shapes"])]
         tensors = self._receive(f["group_name"], names, dtypes, shapes, f["load_format"] == LOAD_FORMAT)
         self._load(tensors, f["weight_version"], f["abort_all_requests"], "update_weights_from_distributed")
         return {"success": True, "message": "Succeeded to update parameter online."}
@@ -614,7 +332,7 @@ class Server:
         if "serialized_named_tensors" in body:
             raise HTTPError(400, "serialized_named_tensors: not accepted (SGLang's payload is a pickle, which can run "
                                  "code when loaded); send safetensors: the base64 of a safetensors file")
-        f = _fields(body, {"safetensors": "str"}, {
+        f = fields(body, {"safetensors": "str"}, {
             "weight_version": ("version", None), "flush_cache": ("bool", True), "abort_all_requests": ("bool", False),
             "load_format": ("null", None)})
         self._require_session("update_weights_from_tensor")
@@ -628,7 +346,7 @@ class Server:
         return {"success": True, "message": "Succeeded to update model weights."}
 
     def update_weights_from_disk(self, body: dict) -> dict:
-        f = _fields(body, {"model_path": "str"}, {
+        f = fields(body, {"model_path": "str"}, {
             "weight_version": ("version", None), "flush_cache": ("bool", True), "abort_all_requests": ("bool", False),
             "load_format": ("null", None)})
         files = sorted(Path(f["model_path"]).glob("*.safetensors"))
