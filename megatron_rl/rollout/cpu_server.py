@@ -355,7 +355,7 @@ class Server:
                                  "(a Hugging Face checkpoint directory on this machine is expected)")
         try:
             tensors = []
-            for file in files:
+            for file in files:  # safetensors 0.8: get_tensor is a view into a private map of the file, no copy
                 with safe_open(file, framework="pt") as reader:
                     tensors += [(name, reader.get_tensor(name)) for name in reader.keys()]
         except (OSError, SafetensorError) as exc:
