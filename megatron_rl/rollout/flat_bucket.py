@@ -13,7 +13,7 @@ orders the tensors by itemsize, largest first (`aligned_order`): itemsizes are p
 sum of sizes of tensors with itemsize >= itemsize_i, a multiple of itemsize_i.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -53,9 +53,11 @@ def unflatten(flat: torch.Tensor, names: Sequence[str], dtypes: Sequence[torch.d
             for name, dtype, shape, offset in zip(names, dtypes, shapes, offsets, strict=True)]
 
 
-def flatten(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
-    """(flat, views): the tensors copied once, in `aligned_order`, into a new uint8 tensor flat [B] on the first
-    tensor's device; views are the copies, (name, view into flat), in the order sent."""
+def flatten(named_tensors: Sequence[tuple[str, torch.Tensor]], allocate: Callable[[int], torch.Tensor] | None = None
+            ) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """(flat, views): the tensors copied once, in `aligned_order`, into the uint8 tensor flat [B] that
+    `allocate(B)` gives (default: a new one on the first tensor's device); views are the copies, (name, view
+    into flat), in the order sent."""
     if not named_tensors:
         raise ValueError("a flattened bucket needs at least one tensor")
     ordered = aligned_order(named_tensors)
@@ -63,7 +65,8 @@ def flatten(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.Te
     dtypes = [tensor.dtype for _, tensor in ordered]
     shapes = [tuple(tensor.shape) for _, tensor in ordered]
     _, total = byte_offsets(names, dtypes, shapes)
-    flat = torch.empty(total, dtype=torch.uint8, device=ordered[0][1].device)
+    device = ordered[0][1].device
+    flat = allocate(total) if allocate else torch.empty(total, dtype=torch.uint8, device=device)
     views = unflatten(flat, names, dtypes, shapes)
     with torch.no_grad():
         for (_, view), (_, tensor) in zip(views, ordered, strict=True):

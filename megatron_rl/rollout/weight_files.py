@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_rl.rollout.flat_bucket import aligned_order, byte_offsets, unflatten
+from megatron_rl.rollout.flat_bucket import aligned_order, flatten
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -68,19 +68,14 @@ class WeightFiles:
         files left from a longer push; returns per bucket the written tensors as (name, view into the file)."""
         written = []
         for index, bucket in enumerate(buckets):
-            ordered = aligned_order(bucket)
-            header = safetensors_header(ordered)
-            names = [name for name, _ in ordered]
-            dtypes = [tensor.dtype for _, tensor in ordered]
-            shapes = [tuple(tensor.shape) for _, tensor in ordered]
-            data_bytes = byte_offsets(names, dtypes, shapes)[1]
-            mapped = self._map(index, len(header) + data_bytes)
-            mapped[:len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
-            views = unflatten(mapped[len(header):], names, dtypes, shapes)
-            with torch.no_grad():
-                for (_, view), (_, tensor) in zip(views, ordered, strict=True):
-                    view.copy_(tensor)
-            written.append(views)
+            header = safetensors_header(aligned_order(bucket))
+
+            def allocate(data_bytes: int, index: int = index, header: bytes = header) -> torch.Tensor:
+                mapped = self._map(index, len(header) + data_bytes)
+                mapped[:len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+                return mapped[len(header):]
+
+            written.append(flatten(bucket, allocate)[1])
         for index in range(len(written), len(self._mapped)):
             self._file(index).unlink()
         del self._mapped[len(written):]
