@@ -71,11 +71,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import safe_open
 
 from megatron_rl.rollout.flat_bucket import LOAD_FORMAT, byte_offsets, unflatten
-from megatron_rl.rollout.hf_engine import HFGenerator, SamplingParams, eos_token_ids, load_hf_model
+from megatron_rl.rollout.hf_engine import HFGenerator, SamplingParams, eos_token_ids, is_int, load_hf_model
 from megatron_rl.rollout.logit_noise import LogitNoise
 from megatron_rl.rollout.parent_watchdog import PARENT_ENV
 from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
-from megatron_rl.rollout.serve_fields import ROUTER_DEFAULTS, HTTPError, fields, int_list, is_int, str_list
+from megatron_rl.rollout.serve_fields import ROUTER_DEFAULTS, HTTPError, fields, int_list, str_list
 from megatron_rl.rollout.serve_scheduler import PAUSE_MODES, Request, Scheduler
 
 TOKEN_ENV = "MEGATRON_RL_SERVE_TOKEN"

@@ -70,12 +70,13 @@ class SamplingParams:
         return cls(**d)
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An int that is not a bool (JSON true/false must not pass as 1/0)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def _check(params: SamplingParams) -> None:
@@ -84,13 +85,13 @@ def _check(params: SamplingParams) -> None:
         "temperature": (_is_number(params.temperature) and params.temperature >= 0,
                         "a finite number >= 0 (0: greedy)"),
         "top_p": (_is_number(params.top_p) and 0 < params.top_p <= 1, "a number in (0, 1]"),
-        "top_k": (_is_int(params.top_k) and (params.top_k == -1 or params.top_k >= 1), "-1 (off) or an integer >= 1"),
-        "max_new_tokens": (_is_int(params.max_new_tokens) and params.max_new_tokens >= 0, "an integer >= 0"),
+        "top_k": (is_int(params.top_k) and (params.top_k == -1 or params.top_k >= 1), "-1 (off) or an integer >= 1"),
+        "max_new_tokens": (is_int(params.max_new_tokens) and params.max_new_tokens >= 0, "an integer >= 0"),
         "stop_token_ids": (params.stop_token_ids is None or (isinstance(params.stop_token_ids, list | tuple)
-                           and all(_is_int(t) and t >= 0 for t in params.stop_token_ids)),
+                           and all(is_int(t) and t >= 0 for t in params.stop_token_ids)),
                            "a list of token ids (integers >= 0) or null"),
         "ignore_eos": (isinstance(params.ignore_eos, bool), "true or false"),
-        "sampling_seed": (params.sampling_seed is None or _is_int(params.sampling_seed), "an integer or null"),
+        "sampling_seed": (params.sampling_seed is None or is_int(params.sampling_seed), "an integer or null"),
     }
     for name, (ok, allowed) in problems.items():
         if not ok:
@@ -111,7 +112,7 @@ def eos_token_ids(model: transformers.PreTrainedModel) -> list[int]:
     ids: list[int] = []
     for config in (model.generation_config, model.config):
         value = getattr(config, "eos_token_id", None) if config is not None else None
-        for token in [value] if _is_int(value) else value or []:
+        for token in [value] if is_int(value) else value or []:
             if token not in ids:
                 ids.append(token)
     return ids
@@ -230,7 +231,7 @@ class HFGenerator:
 
     def __init__(self, model: transformers.PreTrainedModel, eos_token_ids: Sequence[int], max_batch_size: int = 64,
                  logit_noise: LogitNoise = NO_NOISE):
-        if not _is_int(max_batch_size) or max_batch_size < 1:
+        if not is_int(max_batch_size) or max_batch_size < 1:
             raise ValueError(f"max_batch_size: expected an integer >= 1, got {max_batch_size!r}")
         self.logit_noise = logit_noise
         self.model = model.eval()
@@ -267,7 +268,7 @@ class HFGenerator:
                 raise ValueError(f"params[{i}]: expected SamplingParams, got {type(sampling).__name__}")
             if not isinstance(prompt, list | tuple) or not prompt:
                 raise ValueError(f"prompts[{i}]: expected a non-empty list of token ids, got {prompt!r:.80}")
-            bad = next((t for t in prompt if not (_is_int(t) and 0 <= t < self.vocab_size)), None)
+            bad = next((t for t in prompt if not (is_int(t) and 0 <= t < self.vocab_size)), None)
             if bad is not None:
                 raise ValueError(f"prompts[{i}]: token id {bad!r} is not an integer in [0, {self.vocab_size})")
             if self.context_length is not None and len(prompt) + sampling.max_new_tokens > self.context_length:
@@ -363,6 +364,6 @@ class HFGenerator:
         param = self.params_by_name.get(name)
         if param is None:
             raise KeyError(f"unknown weight {name!r}: the model has no parameter of that name")
-        if not _is_int(truncate_size) or truncate_size < 0:
+        if not is_int(truncate_size) or truncate_size < 0:
             raise ValueError(f"truncate_size: expected an integer >= 0, got {truncate_size!r}")
         return param.detach().flatten()[:truncate_size].float().tolist()

@@ -17,6 +17,7 @@ ROUTER_DEFAULTS are the fields sglang-router adds to every /generate, accepted a
 from collections.abc import Callable
 
 from megatron_rl.rollout.flat_bucket import LOAD_FORMAT
+from megatron_rl.rollout.hf_engine import is_int
 
 
 class HTTPError(Exception):
@@ -25,10 +26,6 @@ class HTTPError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
-
-
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 _KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
