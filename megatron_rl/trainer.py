@@ -6,8 +6,9 @@ Every learner rank runs `Trainer(cfg).fit()`. Rank 0 is also the driver: it owns
 sampler, the rollout fleet, the rewards, the weight push and the metrics; the other ranks receive
 each step's samples from it. One step:
 
-    rollout    driver: prompts -> fleet.generate (n per prompt, each request with its own sampling_seed from
-               data.seed and its place in the run: a rerun or a resume asks for the same samples)
+    rollout    driver: prompts -> fleet.generate (n per prompt, a group per request, each sample with its own
+               sampling_seed from data.seed and its place in the run: a rerun or a resume asks for the same
+               samples)
                -> rewards -> GRPO-style advantages
                (async: the batch of step k+1 is generated while step k trains; samples older than
                rollout.max_staleness weight versions are dropped and counted)
@@ -264,7 +265,8 @@ class Trainer:
         n = cfg.rollout.n_samples_per_prompt
         params = [{**self.sampling_params, "sampling_seed": rollout_seed(cfg.data.seed, first_draw + i // n, i % n)}
                   for i in range(len(prompts) * n)]
-        generations = self.fleet.generate([p.prompt_ids for p in prompts for _ in range(n)], params)
+        generations = self.fleet.generate([p.prompt_ids for p in prompts for _ in range(n)], params,
+                                          prompts_per_request=n)
         texts = self.tokenizer.batch_decode([g.output_ids for g in generations], skip_special_tokens=True)
         prompt_texts = self.tokenizer.batch_decode([p.prompt_ids for p in prompts], skip_special_tokens=True)
         items = [(prompt_texts[i // n], text, prompts[i // n].answer, prompts[i // n].metadata)

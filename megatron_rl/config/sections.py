@@ -241,7 +241,7 @@ class RolloutConfig(Section):
     max_staleness: NonNegativeInt = 0
     async_mode: bool = Field(default=False, alias="async")
     token_env: str = "MEGATRON_RL_SERVE_TOKEN"  # environment variable with the engines' admin token
-    max_concurrency: PositiveInt = 64  # requests in flight per engine
+    max_concurrency: PositiveInt = 64  # /generate requests in flight per engine (one per prompt: its n samples)
     request_timeout: PositiveFloat = 600.0  # seconds for one generate request
     max_retries: NonNegativeInt = 3  # a failed request is retried on another engine this many times
     startup_timeout: PositiveFloat = 300.0  # seconds for a launched engine to answer /health_generate

@@ -2,21 +2,28 @@
 
     fleet = Fleet(engines, max_concurrency=64, max_retries=3, resync=weight_sync.resync)
     generations = fleet.generate(prompts, sampling_params)   # generations[i] answers prompts[i]
+    generations = fleet.generate(prompts, params, prompts_per_request=8)   # a GRPO group per HTTP request
+
+Requests: consecutive prompts go together, `prompts_per_request` to one batch request of /generate (an input_ids
+list, a sampling_params list). One request per group keeps a group on one engine (its prompt is prefilled once
+there) and sends n times fewer requests (tools/bench_rollout_requests.py). Behind a router every request carries
+one prompt, as a plain (not batch) request: sglang-router 0.3 takes a single sampling_params per request (a list
+is answered with HTTP 422), and each sample has its own sampling_seed.
 
 Routing: each request goes to the ready engine with the fewest requests in flight, at most
-`max_concurrency` per engine (the engines batch concurrent requests themselves). With a `router`
+`max_concurrency` requests per engine (the engines batch concurrent requests themselves). With a `router`
 (rollout/router.py: sglang-router in front of the engines) every request goes to the router instead,
 at most `max_concurrency` x engines in flight, and the router picks the engine.
 
-Failure: a request whose engine fails (connection refused / reset, HTTP error, timeout) or that
-comes back aborted is put back in the queue and retried, on another engine when there is one,
-up to `max_retries` times. The engine that failed (behind a router: the router, and every engine
-after a failure and after each batch, since the router retries around a dead engine by itself) is
-checked with /health_generate; if it does not answer and the fleet launched it, the process is
-restarted, waited for, and re-synced to the current weights (`resync`; not the router) before it
-takes requests again; an engine that cannot be recovered stays out. Every prompt is answered
-exactly once: `generate` returns one generation per prompt, in order, and `stats` counts what
-happened.
+Failure: a request whose engine fails (connection refused / reset, HTTP error, timeout) is put back
+in the queue and retried, on another engine when there is one, up to `max_retries` times; of a request
+that comes back with some prompts aborted, those prompts are retried the same way and the others kept.
+The engine that failed (behind a router: the router, and every engine after a failure and after each
+batch, since the router retries around a dead engine by itself) is checked with /health_generate; if
+it does not answer and the fleet launched it, the process is restarted, waited for, and re-synced to
+the current weights (`resync`; not the router) before it takes requests again; an engine that cannot
+be recovered stays out. Every prompt is answered exactly once: `generate` returns one generation per
+prompt, in order, and `stats` counts what happened.
 """
 
 import itertools
@@ -40,7 +47,7 @@ class FleetError(RuntimeError):
 
 @dataclass
 class _Job:
-    index: int
+    indices: list[int]  # the prompts of one request
     attempts: int = 0
     errors: list[str] = field(default_factory=list)
     avoid: Engine | None = None
@@ -60,41 +67,60 @@ class Fleet:
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency * len(self.engines), thread_name_prefix="rollout")
         self._rids = itertools.count()
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling_params: dict | Sequence[dict]) -> list[Generation]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling_params: dict | Sequence[dict],
+                 prompts_per_request: int = 1) -> list[Generation]:
         """One generation per prompt, in order; `sampling_params` for all, or one dict per prompt (a retried
-        request keeps its own, its sampling_seed included). FleetError if a prompt cannot be answered."""
+        prompt keeps its own, its sampling_seed included); prompts [k p, (k + 1) p) go in request k
+        (p = prompts_per_request; 1 behind a router). FleetError if a prompt cannot be answered."""
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, dict) else list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
+        if prompts_per_request < 1:
+            raise ValueError(f"prompts_per_request must be >= 1, got {prompts_per_request}")
+        if self.router is not None:
+            prompts_per_request = 1  # sglang-router: one sampling_params per request (see the module docstring)
         results: list[Generation | None] = [None] * len(prompts)
         pending: dict[Future, tuple[_Job, Engine]] = {}
-        queue = [_Job(index) for index in range(len(prompts))]
+        queue = [_Job(list(range(start, min(start + prompts_per_request, len(prompts)))))
+                 for start in reversed(range(0, len(prompts), prompts_per_request))]  # popped from the end
         while queue or pending:
             while queue:
                 job = queue.pop()
                 engine = self._acquire(job.avoid)
-                future = self._pool.submit(self._call, engine, list(prompts[job.index]), params[job.index])
+                future = self._pool.submit(self._call, engine, [list(prompts[i]) for i in job.indices],
+                                           [params[i] for i in job.indices])
                 pending[future] = (job, engine)
+                self.stats["requests"] += 1
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 job, engine = pending.pop(future)
-                failure = _failure_of(future)
-                if failure is None:
-                    if results[job.index] is not None:
-                        self.stats["duplicates"] += 1  # cannot happen: a job is resubmitted only after a failure
-                        continue
-                    results[job.index] = future.result()
-                    self.stats["answered"] += 1
+                exc = future.exception()
+                if exc is not None:
+                    queue.append(self._retry(job, engine, f"{type(exc).__name__}: {exc}", engine_failed=True))
                     continue
-                queue.append(self._retry(job, engine, failure, engine_failed=not failure.startswith("aborted")))
+                aborted = []
+                for index, generation in zip(job.indices, future.result(), strict=True):
+                    if generation.finish_reason.get("type") == "abort":
+                        aborted.append((index, generation.finish_reason.get("message", "")))
+                    elif results[index] is not None:
+                        self.stats["duplicates"] += 1  # cannot happen: a prompt is resent only after a failure
+                    else:
+                        results[index] = generation
+                        self.stats["answered"] += 1
+                if aborted:
+                    job.indices = [index for index, _ in aborted]
+                    queue.append(self._retry(job, engine, f"aborted ({aborted[0][1]})", engine_failed=False))
         self.stats["prompts"] += len(prompts)
         for engine in self.engines if self.router is not None else ():
             self._check(engine, failed=False)  # the router may have retried around a dead engine: find it
         return results
 
-    def _call(self, engine: Engine, input_ids: list[int], sampling_params: dict) -> Generation:
+    def _call(self, engine: Engine, prompts: list[list[int]], sampling_params: list[dict]) -> list[Generation]:
         try:
-            return engine.client.generate(input_ids, sampling_params, rid=f"r{next(self._rids)}")
+            rids = [f"r{next(self._rids)}" for _ in prompts]
+            if len(prompts) == 1:  # a plain request: what sglang-router accepts
+                return [engine.client.generate(prompts[0], sampling_params[0], rid=rids[0])]
+            return engine.client.generate_batch(prompts, sampling_params, rids=rids)
         finally:
             self._release(engine)
 
@@ -103,7 +129,7 @@ class Fleet:
         job.errors.append(f"{engine.url}: {failure}")
         self.stats["retries"] += 1
         if job.attempts > self.max_retries:
-            raise FleetError(f"prompt {job.index} failed {job.attempts} times (rollout.max_retries = "
+            raise FleetError(f"prompts {_ranges(job.indices)} failed {job.attempts} times (rollout.max_retries = "
                              f"{self.max_retries}): " + "; ".join(job.errors))
         if engine_failed:
             self.stats["engine_failures"] += 1
@@ -175,12 +201,12 @@ class Fleet:
             stop_engine_processes(([self.router] if self.router else []) + self.engines)
 
 
-def _failure_of(future: Future) -> str | None:
-    """None if the request succeeded, else why it did not ("aborted" when the engine aborted it)."""
-    exc = future.exception()
-    if exc is not None:
-        return f"{type(exc).__name__}: {exc}"
-    generation: Generation = future.result()
-    if generation.finish_reason.get("type") == "abort":
-        return f"aborted ({generation.finish_reason.get('message', '')})"
-    return None
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)

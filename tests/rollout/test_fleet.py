@@ -139,8 +139,9 @@ def test_a_disk_push_rewrites_its_files_in_place_and_reaches_every_engine_exactl
     assert not files.exists()
 
 
-@pytest.mark.parametrize("transport", ["distributed", "disk"])
-def test_killed_engine_mid_batch_every_prompt_answered_once_then_resynced(engines, model_dir, transport, tmp_path):
+@pytest.mark.parametrize(("transport", "prompts_per_request"), [("distributed", 1), ("disk", 4)])
+def test_killed_engine_mid_batch_every_prompt_answered_once_then_resynced(engines, model_dir, transport,
+                                                                          prompts_per_request, tmp_path):
     tensors, reference = new_weights(model_dir, scale=0.03)
     sync = WeightSync(engines, WeightSyncConfig(verify="checksum", transport=transport, disk_dir=str(tmp_path)))
     sync.push(tensors, version=11)
@@ -157,7 +158,7 @@ def test_killed_engine_mid_batch_every_prompt_answered_once_then_resynced(engine
 
     killer = threading.Thread(target=kill_once_busy)
     killer.start()
-    generations = fleet.generate(prompts, params)
+    generations = fleet.generate(prompts, params, prompts_per_request)
     killer.join()
     assert [g.prompt_ids for g in generations] == prompts
     assert all(len(g.output_ids) == 48 and g.weight_version == "11" for g in generations)
@@ -198,18 +199,23 @@ def test_per_prompt_seeds_give_each_prompt_its_own_samples_wherever_it_runs(engi
             assert alone.output_ids == generations[i].output_ids  # logprobs: batched matmuls round differently
             assert max(map(abs, torch.tensor(alone.output_logprobs) - torch.tensor(generations[i].output_logprobs)))\
                 <= 1e-5
+    grouped = Fleet(engines, max_concurrency=3, max_retries=1)
+    assert [g.output_ids for g in grouped.generate([PROBE] * 12, params, prompts_per_request=5)] == \
+        [g.output_ids for g in generations]  # the same samples, whichever request carries them
+    assert (fleet.stats["requests"], grouped.stats["requests"]) == (12, 3)
+    grouped.shutdown(stop_engines=False)
     with pytest.raises(ValueError, match="2 sampling_params for 3 prompts"):
         fleet.generate([PROBE] * 3, params[:2])
     fleet.shutdown(stop_engines=False)
 
 
-def test_retries_are_bounded_and_name_the_prompt(engines):
+def test_retries_are_bounded_and_name_the_prompts(engines):
     from megatron_rl.rollout.fleet import FleetError
 
     fleet = Fleet(engines, max_concurrency=2, max_retries=2)
     bad = {"temperature": 1.0, "max_new_tokens": 4, "no_such_key": 1}  # every engine answers 400
-    with pytest.raises(FleetError, match=r"prompt 0 failed 3 times \(rollout.max_retries = 2\)"):
-        fleet.generate([PROBE], bad)
+    with pytest.raises(FleetError, match=r"prompts 0-2 failed 3 times \(rollout.max_retries = 2\)"):
+        fleet.generate([PROBE] * 3, bad, prompts_per_request=3)
     assert all(e.ready for e in engines)  # a bad request is not a dead engine: /health_generate still answers
     fleet.shutdown(stop_engines=False)
 

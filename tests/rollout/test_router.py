@@ -74,6 +74,10 @@ def test_generate_through_the_router_is_the_engines_own_answer(rollout):
         engine = engines[int(generation.weight_version[-1])]
         direct = engine.client.generate(PROMPTS[seed], seeded(seed))
         assert (generation.output_ids, generation.output_logprobs) == (direct.output_ids, direct.output_logprobs)
+    requests = fleet.stats["requests"]
+    group = fleet.generate(PROMPTS[:4], [seeded(seed) for seed in range(4)], prompts_per_request=4)
+    assert fleet.stats["requests"] == requests + 4  # the router takes one sampling_params per request
+    assert [g.output_ids for g in group] == [g.output_ids for g in through_router[:4]]
     fleet.shutdown(stop_engines=False)
 
 
