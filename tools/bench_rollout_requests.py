@@ -14,7 +14,6 @@ the ratio of the medians. Both return the same tokens (checked): only the number
 
 import argparse
 import secrets
-import socket
 import statistics
 import tempfile
 import time
@@ -22,14 +21,9 @@ from pathlib import Path
 
 from megatron_rl.config.sections import EngineSpec, RolloutConfig
 from megatron_rl.data.toy_task import build_tokenizer, toy_prompts, write_toy_task
+from megatron_rl.ports import free_port
 from megatron_rl.rollout.engines import launch_engines
 from megatron_rl.rollout.fleet import Fleet
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

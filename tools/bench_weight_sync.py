@@ -14,7 +14,6 @@ separate read-back, see rollout.weight_sync.verify).
 
 import argparse
 import secrets
-import socket
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from megatron_rl.config.sections import EngineSpec, RolloutConfig, WeightSyncConfig
+from megatron_rl.ports import free_port
 from megatron_rl.rollout.engines import launch_engines
 from megatron_rl.rollout.weight_sync import WeightSync
 
@@ -46,12 +46,6 @@ def median_seconds(run, repeats: int) -> float:
         run()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ Who started the processes is read from the environment (`launch_from_env`), firs
 import os
 import random
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -26,6 +25,7 @@ import torch.distributed as dist
 
 from megatron_rl.config import ParallelConfig
 from megatron_rl.platform import bind_local_device, distributed_backend, ensure_platform
+from megatron_rl.ports import free_port
 
 DEFAULT_MASTER_PORT = 29500
 PIPELINE_SEED_STRIDE = 100  # Megatron-LM's convention: stage p seeds with seed + 100 * p
@@ -68,7 +68,7 @@ def launch_from_env(env: Mapping[str, str]) -> Launch:
                       env.get("MASTER_ADDR") or first_host(nodelist),
                       _int(env, "MASTER_PORT", DEFAULT_MASTER_PORT))
     return Launch("single", 0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"),
-                  _int(env, "MASTER_PORT") if "MASTER_PORT" in env else _free_port())
+                  _int(env, "MASTER_PORT") if "MASTER_PORT" in env else free_port())
 
 
 def _required(env: Mapping[str, str], name: str) -> str:
@@ -85,12 +85,6 @@ def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def expand_hostlist(hostlist: str) -> list[str]:

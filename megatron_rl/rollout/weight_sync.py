@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.config.sections import WeightSyncConfig
+from megatron_rl.ports import free_port
 from megatron_rl.rollout.engines import Engine
 from megatron_rl.rollout.flat_bucket import LOAD_FORMAT, flatten
 from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
@@ -202,7 +203,7 @@ class WeightSync:
         """This engine's weight-update group, made on first use."""
         if id(engine) not in self._groups:
             name = f"megatron-rl-weights-{secrets.token_hex(6)}"  # unique: an engine may outlive this object
-            port = _free_port()
+            port = free_port()
             address = self.master_address or _address_toward(engine.url)
             joined = self._pool.submit(engine.client.init_weights_update_group, master_address=address,
                                        master_port=port, rank_offset=1, world_size=2, group_name=name,
@@ -286,12 +287,6 @@ def _sample_names(names: list[str], count: int, seed: int) -> list[str]:
         return names
     middle = random.Random(seed).sample(names[1:-1], max(0, count - 2))
     return [names[0], *middle, names[-1]][:count]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _address_toward(url: str) -> str:

@@ -9,7 +9,6 @@
 """
 
 import secrets
-import socket
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from single_process import single_process_megatron
 
 from megatron_rl.models.gguf import SMOLLM2, gguf_to_hf, smollm2_gguf
+from megatron_rl.ports import free_port
 from megatron_rl.rollout.launcher import ServerProcess
 from megatron_rl.rollout.protocol import EngineClient
 
@@ -69,7 +69,3 @@ def start_server(tmp_path_factory):
         process.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -11,7 +11,6 @@
 import os
 import secrets
 import signal
-import socket
 import threading
 import time
 
@@ -20,18 +19,13 @@ import torch
 
 from megatron_rl.config.sections import EngineSpec, RolloutConfig, WeightSyncConfig
 from megatron_rl.data.toy_task import write_toy_task
+from megatron_rl.ports import free_port
 from megatron_rl.rollout.engines import launch_engines
 from megatron_rl.rollout.fleet import Fleet
 from megatron_rl.rollout.weight_sync import WeightSync, WeightSyncError
 
 PROBE = [1, 5, 7, 8, 9, 10, 11, 32, 2, 7, 1, 6, 7]  # the toy chat prompt "Repeat the number: 7"
 GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

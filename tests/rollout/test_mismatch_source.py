@@ -28,10 +28,11 @@ import sys
 
 import pytest
 import torch
-from test_protocol import PROMPTS, TINY, free_port, load_reference, teacher_forced, write_tiny_checkpoint
+from test_protocol import PROMPTS, TINY, load_reference, teacher_forced, write_tiny_checkpoint
 
 from megatron_rl.config import ConfigError, config_from_dict
 from megatron_rl.config.sections import EngineSpec
+from megatron_rl.ports import free_port
 from megatron_rl.rollout.launcher import ServerProcess, cpu_server_command
 from megatron_rl.rollout.protocol import EngineClient
 

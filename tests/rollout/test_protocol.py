@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from megatron_rl.cli import build_parser
 from megatron_rl.config.sections import WeightSyncConfig
+from megatron_rl.ports import free_port
 from megatron_rl.rollout.engines import Engine
 from megatron_rl.rollout.flat_bucket import LOAD_FORMAT, flatten
 from megatron_rl.rollout.process_group import destroy_custom_process_group, init_custom_process_group
@@ -60,12 +61,6 @@ PROBES = ["model.norm.weight", "model.layers.1.mlp.down_proj.weight", "model.emb
 TINY = Qwen3Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=1024,
                    initializer_range=0.2, tie_word_embeddings=True, eos_token_id=1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- the server and its reference --------------------------------------------------------------------------

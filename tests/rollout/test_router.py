@@ -7,7 +7,6 @@ the weight_version each one holds, and the router's answers are the engines' own
 import os
 import secrets
 import signal
-import socket
 import threading
 import time
 
@@ -16,18 +15,13 @@ import torch
 
 from megatron_rl.config.sections import EngineSpec, RolloutConfig, RouterConfig
 from megatron_rl.data.toy_task import write_toy_task
+from megatron_rl.ports import free_port
 from megatron_rl.rollout.engines import launch_engines
 from megatron_rl.rollout.fleet import Fleet
 from megatron_rl.rollout.launcher import EngineStartError
 from megatron_rl.rollout.router import launch_router
 
 PROMPTS = [[1, 5, 7, 8, 9, 10, 11, 32 + i % 10, 2, 7, 1, 6, 7] for i in range(16)]  # "Repeat the number: d"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def seeded(seed: int) -> dict:

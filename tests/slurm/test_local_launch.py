@@ -8,7 +8,6 @@ every step is logged exactly once.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_rl.ports import free_port
 from megatron_rl.tracking import read_metrics_jsonl
 
 pytestmark = pytest.mark.distributed
@@ -23,12 +23,6 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 5
 RUN_TIMEOUT = 600
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def local_sh(tmp: Path, log: Path) -> subprocess.Popen:
