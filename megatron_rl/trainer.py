@@ -246,6 +246,7 @@ class Trainer:
         samples = self._samples_of(groups)
         metrics = _rollout_metrics(groups, stats, self.buffer.dropped_stale, self.weight_version)
         metrics["rollout/seconds"] = time.perf_counter() - start
+        metrics.update({f"rollout/{name}": float(count) for name, count in self.fleet.counts_since_last_call().items()})
         # the designed mismatch source (constant over the run; each engine's dtype is in the run config)
         metrics["rollout/logit_noise_std"] = max(engine.logit_noise_std for engine in cfg.rollout.engines)
         return samples, metrics

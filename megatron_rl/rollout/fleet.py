@@ -41,6 +41,11 @@ from megatron_rl.rollout.protocol import Generation
 log = logging.getLogger(__name__)
 
 
+# what a step's metrics report (rollout/<name>): requests sent, requests retried, failures of a request that took
+# its engine to a health check, engines restarted
+REPORTED_COUNTS = ("requests", "retries", "engine_failures", "restarts")
+
+
 class FleetError(RuntimeError):
     """A request could not be answered (retries exhausted, or no engine left)."""
 
@@ -66,6 +71,7 @@ class Fleet:
         self._slot_freed = threading.Condition(self._route_lock)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency * len(self.engines), thread_name_prefix="rollout")
         self._rids = itertools.count()
+        self._reported = dict.fromkeys(REPORTED_COUNTS, 0)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling_params: dict | Sequence[dict],
                  prompts_per_request: int = 1) -> list[Generation]:
@@ -114,6 +120,13 @@ class Fleet:
         for engine in self.engines if self.router is not None else ():
             self._check(engine, failed=False)  # the router may have retried around a dead engine: find it
         return results
+
+    def counts_since_last_call(self) -> dict[str, int]:
+        """REPORTED_COUNTS since the previous call (the first call: since the fleet started)."""
+        now = {key: self.stats[key] for key in REPORTED_COUNTS}
+        since = {key: now[key] - self._reported[key] for key in REPORTED_COUNTS}
+        self._reported = now
+        return since
 
     def _call(self, engine: Engine, prompts: list[list[int]], sampling_params: list[dict]) -> list[Generation]:
         try:

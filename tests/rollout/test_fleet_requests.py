@@ -68,6 +68,10 @@ def test_aborted_prompts_of_a_request_are_retried_alone_and_the_others_kept():
     assert [g.rid for g in generations] == ["r0", "r4", "r2", "r5"]  # 1 and 3 answered by their retry
     assert client.asked == {0: 1, 1: 2, 2: 1, 3: 2}
     assert (fleet.stats["retries"], fleet.stats["engine_failures"], fleet.stats["duplicates"]) == (1, 0, 0)
+    assert fleet.counts_since_last_call() == {"requests": 2, "retries": 1, "engine_failures": 0, "restarts": 0}
+    assert fleet.counts_since_last_call() == {"requests": 0, "retries": 0, "engine_failures": 0, "restarts": 0}
+    fleet.generate([[0]], {"max_new_tokens": 2})
+    assert fleet.counts_since_last_call()["requests"] == 1
     fleet.shutdown()
 
 
