@@ -179,17 +179,21 @@ class Trainer:
         return payload[0]
 
     def train(self, samples: list[RolloutSample]) -> dict[str, float]:
-        """data.num_mini_batches optimizer steps on `samples`, pi_old = the weights before the first."""
+        """data.num_mini_batches optimizer steps on `samples`, pi_old = the weights before the first. The train/*
+        metrics are the last mini-batch's (N - 1 updates stale), but train/skipped counts the skipped optimizer
+        steps of all of them."""
         cfg = self.cfg
         start = time.perf_counter()
         mini_batches = _split(samples, cfg.data.num_mini_batches)
         plans = [self._micro_batches(mini) for mini in mini_batches]
         old = [self.learner.log_probs(micro) for micro, _ in plans]
         metrics: dict[str, float] = _mismatch_metrics(plans, old)
+        skipped = 0
         for (micro, counts), old_log_probs in zip(plans, old, strict=True):
             result = self.learner.train_step(micro, counts, old_log_probs=old_log_probs)
+            skipped += result.skipped
             metrics = {**metrics, **result.metrics, "train/loss": result.loss, "train/lr": result.learning_rate,
-                       "train/skipped": float(result.skipped), "train/grad_norm": result.grad_norm or 0.0}
+                       "train/skipped": float(skipped), "train/grad_norm": result.grad_norm or 0.0}
             if result.skipped and self.is_driver:
                 self.tracker.console(f"step {self.step + 1}: optimizer step skipped ({result.skip_reason})")
         metrics["perf/train_seconds"] = time.perf_counter() - start
