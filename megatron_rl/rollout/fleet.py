@@ -4,11 +4,12 @@
     generations = fleet.generate(prompts, sampling_params)   # generations[i] answers prompts[i]
     generations = fleet.generate(prompts, params, prompts_per_request=8)   # a GRPO group per HTTP request
 
-Requests: consecutive prompts go together, `prompts_per_request` to one batch request of /generate (an input_ids
-list, a sampling_params list). One request per group keeps a group on one engine (its prompt is prefilled once
-there) and sends n times fewer requests (tools/bench_rollout_requests.py). Behind a router every request carries
-one prompt, as a plain (not batch) request: sglang-router 0.3 takes a single sampling_params per request (a list
-is answered with HTTP 422), and each sample has its own sampling_seed.
+Requests: consecutive prompts go together, `prompts_per_request` to one batch request of /generate (an
+input_ids list, a sampling_params list). One request per group keeps a group on one engine (SGLang's prefix
+cache prefills its prompt once there) and sends n times fewer requests (tools/bench_rollout_requests.py).
+Behind a router every request carries one prompt, as a plain (not batch) request: sglang-router 0.3 takes a
+single sampling_params per request (a list is answered with HTTP 422), and each sample has its own
+sampling_seed.
 
 Routing: each request goes to the ready engine with the fewest requests in flight, at most
 `max_concurrency` requests per engine (the engines batch concurrent requests themselves). With a `router`
