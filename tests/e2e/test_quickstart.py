@@ -6,9 +6,11 @@ file, the checkpoint of the last step with its RL state, and that the rollout se
 is asynchronous (generation of step k+1 overlaps training of step k), trains VESPO on two mini-batches, and reads
 a prompt file with corrupt rows: they are counted and reported, and the run goes on. A third run serves with logit
 noise (rollout.engines[0].logit_noise_std 0.5): the learner measures that designed mismatch, and the run records it.
-The first run, trained again with sequence packing (data.pack_sequences), gives the same metrics.
+The first run, trained again with sequence packing (data.pack_sequences), gives the same metrics. Every key the
+runs write to their metrics file is documented in docs/metrics.md.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from doc_tables import documented_metrics, is_documented
 
 from megatron_rl.config import load_config
 from megatron_rl.tracking import read_metrics_jsonl
@@ -198,3 +201,14 @@ def test_logit_noise_on_the_engine_is_the_mismatch_the_learner_measures(noisy_ru
     assert (engine["dtype"], engine["logit_noise_std"], engine["logit_noise_seed"]) == ("float32", 0.5, 3)
     log = (tmp / "runs" / "quickstart" / "engines" / "engine0.log").read_text()
     assert "--dtype float32 --logit-noise-std 0.5 --logit-noise-seed 3" in log
+
+
+@pytest.mark.parametrize("fixture", ["run", "async_run", "dynamic_sampling_run", "noisy_run"])
+def test_every_key_of_the_metrics_file_is_documented(fixture, request):
+    """The raw lines' keys (`step`, `time`, `nonfinite` included): kpo and vespo, sync and async, dynamic sampling."""
+    tmp, _ = request.getfixturevalue(fixture)
+    lines = (tmp / "runs" / "quickstart" / "metrics.jsonl").read_text().splitlines()
+    keys = {key for line in lines for key in json.loads(line)}
+    assert len(lines) == STEPS and {"step", "time", "train/loss", "sync/version"} <= keys
+    documented = documented_metrics()
+    assert sorted(key for key in keys if not is_documented(key, documented)) == []

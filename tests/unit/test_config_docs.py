@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pydantic
 import yaml
+from doc_tables import markdown_tables
 
 from megatron_rl.algorithms.hyperparams import DEFAULT_AGGREGATION, FIXED_AGGREGATION, LossName
 from megatron_rl.config import RunConfig, dump_config
@@ -27,29 +28,12 @@ from megatron_rl.config.unknown_keys import is_section, schema_fields, without_n
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
-_UNESCAPED_PIPE = re.compile(r"(?<!\\)\|")
 _DOTTED_KEY = re.compile(r"^`([A-Za-z_]\w*(?:(?:\.|\[\]\.)[A-Za-z_]\w*)*)`$")
 _CODE = re.compile(r"^`([^`]+)`$")
 _CODE_SPANS = re.compile(r"`([^`]+)`")
 
 
 # --- the document ---------------------------------------------------------------------------
-
-
-def markdown_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
-    """Every pipe table of `text` as (header cells, body rows), cells stripped, `\\|` unescaped."""
-    tables: list[tuple[list[str], list[list[str]]]] = []
-    block: list[list[str]] = []
-    for line in [*text.splitlines(), ""]:
-        if line.lstrip().startswith("|"):
-            inner = line.strip().removeprefix("|").removesuffix("|")
-            block.append([cell.strip().replace("\\|", "|") for cell in _UNESCAPED_PIPE.split(inner)])
-        elif block:
-            header, separator, *rows = block
-            assert all(set(cell) <= set("-: ") for cell in separator), f"not a table separator: {separator}"
-            tables.append((header, rows))
-            block = []
-    return tables
 
 
 def documented_keys(text: str) -> dict[str, str]:
