@@ -42,7 +42,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from megatron_rl.config.sections import TrackingConfig
 
-METRIC_PREFIXES = ("rollout/", "train/", "loss/", "mismatch/", "perf/", "sync/")
+METRIC_PREFIXES = ("rollout/", "train/", "mismatch/", "perf/", "sync/")
 PROGRESS_METRICS = ("rollout/reward_mean", "train/loss", "perf/step_seconds")
 _NONFINITE_NAMES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 

@@ -180,24 +180,22 @@ class Trainer:
 
     def train(self, samples: list[RolloutSample]) -> dict[str, float]:
         """data.num_mini_batches optimizer steps on `samples`, pi_old = the weights before the first. The train/*
-        metrics are the last mini-batch's (N - 1 updates stale), but train/skipped counts the skipped optimizer
-        steps of all of them."""
+        metrics are the last mini-batch's only (N - 1 updates stale), but train/skipped counts the skipped
+        optimizer steps of all of them."""
         cfg = self.cfg
         start = time.perf_counter()
         mini_batches = _split(samples, cfg.data.num_mini_batches)
         plans = [self._micro_batches(mini) for mini in mini_batches]
         old = [self.learner.log_probs(micro) for micro, _ in plans]
-        metrics: dict[str, float] = _mismatch_metrics(plans, old)
         skipped = 0
         for (micro, counts), old_log_probs in zip(plans, old, strict=True):
             result = self.learner.train_step(micro, counts, old_log_probs=old_log_probs)
             skipped += result.skipped
-            metrics = {**metrics, **result.metrics, "train/loss": result.loss, "train/lr": result.learning_rate,
-                       "train/skipped": float(skipped), "train/grad_norm": result.grad_norm or 0.0}
             if result.skipped and self.is_driver:
                 self.tracker.console(f"step {self.step + 1}: optimizer step skipped ({result.skip_reason})")
-        metrics["perf/train_seconds"] = time.perf_counter() - start
-        return metrics
+        return {**_mismatch_metrics(plans, old), **result.metrics, "train/loss": result.loss,
+                "train/lr": result.learning_rate, "train/skipped": float(skipped),
+                "train/grad_norm": result.grad_norm or 0.0, "perf/train_seconds": time.perf_counter() - start}
 
     def sync_weights(self) -> dict[str, float]:
         """Gather the full weights to rank 0 and push them to every engine as self.weight_version."""
@@ -236,11 +234,15 @@ class Trainer:
         cfg, start = self.cfg, time.perf_counter()
         wanted = cfg.data.rollout_batch_size
         rounds, stats = 0, {"generated_groups": 0, "dropped_all_equal": 0, "reward_errors": 0, "tokens": 0}
+        dropped_stale_before = self.buffer.dropped_stale
         groups: list[Group] = []
         while len(groups) < wanted and rounds < (cfg.data.dynamic_sampling_max_rounds if cfg.data.dynamic_sampling
                                                  else 1):
             rounds += 1
-            self.buffer.put(self._next_generated_batch(stats))
+            batch, counts = self._next_generated_batch()
+            for key, count in counts.items():
+                stats[key] += count
+            self.buffer.put(batch)
             for group in self.buffer.take(wanted - len(groups), learner_version=self.weight_version):
                 if cfg.data.dynamic_sampling and group.all_equal:
                     stats["dropped_all_equal"] += 1
@@ -248,22 +250,26 @@ class Trainer:
                 groups.append(group)
         groups = groups[:_usable_groups(len(groups), cfg)]
         samples = self._samples_of(groups)
-        metrics = _rollout_metrics(groups, stats, self.buffer.dropped_stale, self.weight_version)
+        metrics = _rollout_metrics(groups, stats, self.buffer.dropped_stale - dropped_stale_before, self.weight_version)
         metrics["rollout/seconds"] = time.perf_counter() - start
-        metrics.update({f"rollout/{name}": float(count) for name, count in self.fleet.counts_since_last_call().items()})
+        fleet = self.fleet.counts_since_last_call()
+        metrics.update({"rollout/requests": float(fleet["requests"]), "rollout/retries": float(fleet["retries"]),
+                        "rollout/engine_failures": float(fleet["engine_failures"]),
+                        "rollout/restarts": float(fleet["restarts"])})
         # the designed mismatch source (constant over the run; each engine's dtype is in the run config)
         metrics["rollout/logit_noise_std"] = max(engine.logit_noise_std for engine in cfg.rollout.engines)
         return samples, metrics
 
-    def _next_generated_batch(self, stats: dict) -> list[Group]:
-        """Sync: generate now. Async: take the batch started last time and start the next one."""
+    def _next_generated_batch(self) -> tuple[list[Group], dict[str, int]]:
+        """Sync: generate now. Async: take the batch started last time and start the next one. With the batch,
+        its counts (generated_groups, tokens, reward_errors): a step reports those of the batch it trains on."""
         if not self.cfg.rollout.async_mode:
-            return self._generate(stats)
-        batch = self._generating.result() if self._generating is not None else self._generate(stats)
-        self._generating = self._background.submit(self._generate, stats)
+            return self._generate()
+        batch = self._generating.result() if self._generating is not None else self._generate()
+        self._generating = self._background.submit(self._generate)
         return batch
 
-    def _generate(self, stats: dict) -> list[Group]:
+    def _generate(self) -> tuple[list[Group], dict[str, int]]:
         cfg = self.cfg
         first_draw = self.sampler.drawn
         prompts = self.sampler.next_batch(cfg.data.rollout_batch_size)
@@ -277,11 +283,11 @@ class Trainer:
         items = [(prompt_texts[i // n], text, prompts[i // n].answer, prompts[i // n].metadata)
                  for i, text in enumerate(texts)]
         rewards, errors = self.rewards(items)
-        stats["reward_errors"] += sum(errors.values())
-        stats["generated_groups"] += len(prompts)
-        stats["tokens"] += sum(len(g.output_ids) for g in generations)
-        return [Group(prompt, generations[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n])
-                for i, prompt in enumerate(prompts)]
+        groups = [Group(prompt, generations[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n])
+                  for i, prompt in enumerate(prompts)]
+        counts = {"reward_errors": sum(errors.values()), "generated_groups": len(prompts),
+                  "tokens": sum(len(g.output_ids) for g in generations)}
+        return groups, counts
 
     def _samples_of(self, groups: list[Group]) -> list[RolloutSample]:
         if not groups:

@@ -28,9 +28,9 @@ RUN_CONFIG = {
 # (step, what is logged, what is recorded): a float32 tensor is recorded as its exact float value.
 STEPS = [
     (1, {"rollout/reward_mean": 0.25, "train/loss": torch.tensor(0.1), "perf/step_seconds": 3,
-         "loss/kl": np.float64(1 / 3), "mismatch/tis_clipfrac": np.float32(0.5), "sync/bytes": 2**40},
+         "train/kl/k1": np.float64(1 / 3), "mismatch/tis_clipfrac": np.float32(0.5), "sync/bytes": 2**40},
      {"rollout/reward_mean": 0.25, "train/loss": 0.10000000149011612, "perf/step_seconds": 3,
-      "loss/kl": 1 / 3, "mismatch/tis_clipfrac": 0.5, "sync/bytes": 2**40}),
+      "train/kl/k1": 1 / 3, "mismatch/tis_clipfrac": 0.5, "sync/bytes": 2**40}),
     (2, {"train/loss": -0.0, "train/grad_norm": 1e-300}, {"train/loss": -0.0, "train/grad_norm": 1e-300}),
     (5, {"train/loss": float("nan"), "train/grad_norm": float("inf"), "rollout/reward_mean": -math.inf},
      {"train/loss": math.nan, "train/grad_norm": math.inf, "rollout/reward_mean": -math.inf}),
