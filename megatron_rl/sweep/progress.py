@@ -3,10 +3,12 @@
 A rich progress bar when stdout is a terminal (as tracking.py shows a run's steps); otherwise one plain line
 per event (a run starting or skipped, a step logged), for logs that are not a terminal.
 
-ETA: the runs of this invocation count their data.train_steps steps (a run that ends early counts as done); with
-`elapsed` seconds since the first run of this invocation started and `done` of `total` steps completed,
-eta = elapsed * (total - done) / done. Start-up time of the runs is in `elapsed`, so it is spread over the
-steps; before the first step there is no estimate.
+ETA: the work of a run is the samples it generates and trains on, data.train_steps x its samples per step
+(data.rollout_batch_size x rollout.n_samples_per_prompt), so a grid whose runs differ in batch size (the
+staleness study: N x 32 prompts per step, 144 / N steps) is estimated by its cost, not by its step count. With
+`elapsed` seconds since the first run of this invocation started and `done` of the `total` samples of its runs
+(a run that ends early counts as done), eta = elapsed * (total - done) / done. Start-up time of the runs is in
+`elapsed`, so it is spread over the samples; before the first step there is no estimate.
 """
 
 import sys
@@ -17,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 def eta_seconds(elapsed: float, done: int, total: int) -> float | None:
-    """Seconds left for `total - done` steps at the mean pace of the `done` so far; None while done is 0."""
+    """Seconds left for `total - done` samples at the mean pace of the `done` so far; None while done is 0."""
     if done <= 0:
         return None
     return elapsed * (total - done) / done
@@ -36,28 +38,31 @@ def format_duration(seconds: float | None) -> str:
 
 
 class SweepProgress:
-    """Progress over the runs this invocation launches (`total_steps` steps in all) of `total_runs` in the grid."""
+    """Progress over the runs this invocation launches (`total_samples` samples in all) of `total_runs` in the
+    grid."""
 
-    def __init__(self, total_runs: int, total_steps: int, *, rich_bar: bool | None = None):
-        self.total_runs, self.total_steps = total_runs, total_steps
-        self._ended_steps = self._run_steps = self._run_total = 0
+    def __init__(self, total_runs: int, total_samples: int, *, rich_bar: bool | None = None):
+        self.total_runs, self.total_samples = total_runs, total_samples
+        self._ended_samples = self._run_steps = self._run_total = self._samples_per_step = 0
         self._run_label = ""
         self._start: float | None = None
         use_bar = sys.stdout.isatty() if rich_bar is None else rich_bar
-        self._bar = _Bar(self.total_steps) if use_bar else None
+        self._bar = _Bar(self.total_samples) if use_bar else None
 
     @property
     def done(self) -> int:
-        return self._ended_steps + self._run_steps
+        """Samples done: those of the ended runs and of the current run's logged steps."""
+        return self._ended_samples + self._run_steps * self._samples_per_step
 
     def eta(self) -> float | None:
         elapsed = 0.0 if self._start is None else time.monotonic() - self._start
-        return eta_seconds(elapsed, self.done, self.total_steps)
+        return eta_seconds(elapsed, self.done, self.total_samples)
 
-    def start_run(self, index: int, name: str, steps: int) -> None:
-        """Run `index` (1-based, its place in the grid) of `steps` training steps starts."""
+    def start_run(self, index: int, name: str, steps: int, samples_per_step: int) -> None:
+        """Run `index` (1-based, its place in the grid) of `steps` training steps of `samples_per_step` starts."""
         self._start = time.monotonic() if self._start is None else self._start
         self._run_label, self._run_steps, self._run_total = f"run {index}/{self.total_runs} {name}", 0, steps
+        self._samples_per_step = samples_per_step
         self._show(f"{self._run_label}: started")
 
     def step(self, steps: int) -> None:
@@ -66,7 +71,7 @@ class SweepProgress:
         self._show(f"{self._run_label}: step {steps}/{self._run_total}")
 
     def end_run(self) -> None:
-        self._ended_steps += self._run_total
+        self._ended_samples += self._run_total * self._samples_per_step
         self._run_steps = 0
 
     def print(self, message: str) -> None:
@@ -89,11 +94,11 @@ class SweepProgress:
 
 
 class _Bar:
-    def __init__(self, total_steps: int):
+    def __init__(self, total_samples: int):
         self._progress = Progress(TextColumn("sweep"), BarColumn(), TimeElapsedColumn(),
                                   TextColumn("eta {task.fields[eta]}"), TextColumn("{task.fields[status]}"),
                                   console=Console(), refresh_per_second=2)
-        self._task = self._progress.add_task("sweep", total=total_steps, status="", eta="?")
+        self._task = self._progress.add_task("sweep", total=total_samples, status="", eta="?")
         self._progress.start()
 
     def update(self, done: int, status: str, eta: str) -> None:

@@ -127,15 +127,16 @@ def run_sweep(spec: SweepSpec, run_fn: RunFunction = launch_run, *, rich_bar: bo
     planned = plan_sweep(spec)
     spec.out.mkdir(parents=True, exist_ok=True)
     records = {run.point.name: _earlier_record(run) for run in planned}
-    steps_to_run = sum(run.config.data.train_steps for run in planned if not records[run.point.name].reused)
-    progress = SweepProgress(len(planned), steps_to_run, rich_bar=rich_bar)
+    samples_to_run = sum(run.config.data.train_steps * _samples_per_step(run.config) for run in planned
+                         if not records[run.point.name].reused)
+    progress = SweepProgress(len(planned), samples_to_run, rich_bar=rich_bar)
     try:
         for run in planned:
             label = f"run {run.index}/{len(planned)} {run.point.name}"
             if records[run.point.name].reused:
                 progress.print(f"{label}: finished before, skipped")
                 continue
-            progress.start_run(run.index, run.point.name, run.config.data.train_steps)
+            progress.start_run(run.index, run.point.name, run.config.data.train_steps, _samples_per_step(run.config))
             record = records[run.point.name] = _execute(run, run_fn, progress.step)
             progress.end_run()
             if record.status == "failed":
@@ -151,6 +152,11 @@ def run_sweep(spec: SweepSpec, run_fn: RunFunction = launch_run, *, rich_bar: bo
           f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; summary in {spec.out / SUMMARY_FILE}",
           flush=True)
     return 1 if failed else 0
+
+
+def _samples_per_step(config: RunConfig) -> int:
+    """The samples a step generates and trains on: the unit of the sweep's ETA."""
+    return config.data.rollout_batch_size * config.rollout.n_samples_per_prompt
 
 
 def _without_launched_ports(config: RunConfig) -> dict:

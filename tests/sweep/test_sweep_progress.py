@@ -17,14 +17,33 @@ def test_durations(seconds, text):
     assert format_duration(seconds) == text
 
 
+def test_progress_counts_samples_so_runs_of_few_large_steps_weigh_what_they_cost(monkeypatch):
+    """Two runs of the same samples: 8 steps of 32 and 2 steps of 128. Half the first run's steps is a quarter
+    of the work, and one step of the second run is as much work as four of the first."""
+    now = [100.0]
+    monkeypatch.setattr("megatron_rl.sweep.progress.time.monotonic", lambda: now[0])
+    progress = SweepProgress(total_runs=2, total_samples=512, rich_bar=False)
+    progress.start_run(1, "N=1", steps=8, samples_per_step=32)
+    now[0] = 130.0
+    progress.step(4)
+    assert progress.done == 128
+    assert progress.eta() == pytest.approx(30.0 * 384 / 128, abs=1e-9)
+    progress.end_run()
+    progress.start_run(2, "N=4", steps=2, samples_per_step=128)
+    now[0] = 190.0
+    progress.step(1)
+    assert progress.done == 384
+    assert progress.eta() == pytest.approx(90.0 * 128 / 384, abs=1e-9)
+
+
 def test_plain_lines_show_run_i_of_n_the_step_and_the_eta(capsys):
-    progress = SweepProgress(total_runs=4, total_steps=20, rich_bar=False)
-    progress.start_run(3, "algorithm.loss=kpo__seed=1", 10)
+    progress = SweepProgress(total_runs=4, total_samples=20, rich_bar=False)
+    progress.start_run(3, "algorithm.loss=kpo__seed=1", 10, samples_per_step=1)
     assert progress.eta() is None
     progress.step(4)
     assert progress.done == 4
     progress.end_run()
-    progress.start_run(4, "algorithm.loss=vespo__seed=1", 10)
+    progress.start_run(4, "algorithm.loss=vespo__seed=1", 10, samples_per_step=1)
     progress.step(2)
     assert progress.done == 12
     progress.print("a message")
@@ -38,10 +57,10 @@ def test_plain_lines_show_run_i_of_n_the_step_and_the_eta(capsys):
 
 
 def test_the_rich_bar_runs_through_a_sweep(capsys):
-    progress = SweepProgress(total_runs=1, total_steps=2, rich_bar=True)
-    progress.start_run(1, "seed=0", 2)
+    progress = SweepProgress(total_runs=1, total_samples=16, rich_bar=True)
+    progress.start_run(1, "seed=0", 2, samples_per_step=8)
     progress.step(2)
     progress.print("above the bar")
     progress.end_run()
     progress.close()
-    assert progress.done == 2 and "above the bar" in capsys.readouterr().out
+    assert progress.done == 16 and "above the bar" in capsys.readouterr().out
